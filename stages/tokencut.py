@@ -1,0 +1,24 @@
+"""TokenCut: one normalized cut of the key graph; the object is the seed's connected component."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.ncut import binary_affinity, bipartition, fiedler_vector, seed_component, unit_keys
+
+
+def tokencut(
+    keys: torch.Tensor, grid: tuple[int, int], tau: float, eps: float, center: bool, solver: str
+) -> np.ndarray:
+    """Keys (h*w, d) of one image -> (h, w) bool mask of the object.
+
+    Bipartition v > mean(v) of the Fiedler vector; the seed is argmax |v|; the partition is flipped when
+    the seed falls on the background side; the object is the seed's 4-connected component.
+    """
+    vec = fiedler_vector(binary_affinity(unit_keys(keys, center), tau, eps), solver)
+    foreground = bipartition(vec)
+    seed = int(vec.abs().argmax())
+    if not foreground[seed]:
+        foreground = ~foreground
+    return seed_component(foreground.reshape(grid), seed)
