@@ -1,0 +1,60 @@
+"""Command line: python -m pipeline <command> [--dataset D] [--method M] [key=value ...]."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.config import ConfigError, available, load_config
+
+# User-facing failures: printed as one clear line, no traceback.
+from pipeline.runs import RunError
+from stages.backbone import WeightsError
+from stages.datasets import DatasetError
+from stages.export import CocoError
+
+USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError)
+
+
+def _pseudolabels(cfg) -> None:
+    from pipeline.pseudolabels import run
+
+    print(run(cfg))
+
+
+def _eval_corloc(cfg) -> None:
+    from pipeline.evaluate import eval_corloc
+
+    eval_corloc(cfg)
+
+
+COMMANDS = {
+    "pseudolabels": (_pseudolabels, "discover objects and write a COCO pseudo-label file"),
+    "eval-corloc": (_eval_corloc, "CorLoc of a pseudo-label run against the dataset's ground truth"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--dataset", default="demo", help=f"one of {available('datasets')}")
+        s.add_argument("--method", default="maskcut", help=f"one of {available('methods')}")
+        s.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.workers=2"
+        )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights only ever come from local files
+    try:
+        cfg = load_config(args.dataset, args.method, args.overrides)
+        COMMANDS[args.command][0](cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

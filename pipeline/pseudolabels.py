@@ -1,0 +1,105 @@
+"""The image pseudo-label run: list images, run discovery shards on Ray, merge into one COCO file."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.ray_runner import default_workers, ensure_ray, run_shards
+from pipeline.runs import RunDir, RunError, resolve_backbone, shard_records, write_jsonl
+from stages.backbone import Backbone, resolve_device
+from stages.datasets import ImageRecord, list_images
+from stages.discover import Discoverer, run_shard
+from stages.export import coco_file, write_coco
+from stages.io import atomic_write_json, read_json
+
+OUTPUT = "pseudolabels.json"
+
+
+def make_worker(cfg: Config, run_dir: RunDir, overlay_ids: frozenset[int]):
+    """Built inside each Ray actor: loads the backbone once, then runs shards."""
+    b = cfg.backbone
+    weights = Path(b.weights) if b.weights else None
+    backbone = Backbone(b.arch, weights, b.device, random_init=b.random_init, seed=cfg.seed)
+    discoverer = Discoverer(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
+
+    def work(index: int, records: list[ImageRecord]) -> dict:
+        overlays = run_dir.path / "overlays" if any(r.id in overlay_ids for r in records) else None
+        wanted = [r for r in records if r.id in overlay_ids]
+        return run_shard(discoverer, records, run_dir.shard_file(index), b.batch_size, overlays, wanted)
+
+    return work
+
+
+def run(cfg: Config) -> Path:
+    """Produce (or finish) the pseudo-label file of ``cfg``; returns its path. Finished shards are kept."""
+    cfg = resolve_backbone(cfg)
+    records = list_images(cfg.dataset)
+    if not records:
+        raise RunError(f"dataset '{cfg.dataset.name}' has no images under {cfg.dataset.root}")
+    run_dir = RunDir.for_config(cfg, "pseudolabels")
+    run_dir.start(cfg, records)
+    shards = shard_records(records, cfg.run.shard_size)
+    print(
+        f"{cfg.method.name} on {cfg.dataset.name}: {len(records)} images, {len(shards)} shards, "
+        f"backbone {cfg.backbone.arch} -> {run_dir.path}",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    missing = len(shards) - len(run_dir.finished_shards() & set(range(len(shards))))
+    if missing:
+        use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
+        ensure_ray(cfg.run.ray_address, cfg.run.object_store_mb)
+        workers = cfg.run.workers or default_workers(cfg.run.threads_per_worker, use_gpu)
+        overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
+        factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
+        report = run_shards(
+            factory,
+            shards,
+            run_dir.shard_file,
+            workers,
+            cfg.run.threads_per_worker,
+            use_gpu,
+            desc=cfg.method.name,
+        )
+        if report.failed:
+            raise RunError(
+                f"{len(report.failed)} of {len(shards)} shards failed ({report.done} finished now, kept in "
+                f"{run_dir.shards}); fix the cause and re-run to do only the rest. First error: "
+                f"{next(iter(report.failed.values()))}"
+            )
+    else:
+        print(f"all {len(shards)} shards already done", file=sys.stderr)
+    return merge(run_dir, len(shards), time.perf_counter() - start)
+
+
+def merge(run_dir: RunDir, n_shards: int, seconds: float) -> Path:
+    """Merge the shard files into one validated COCO file, failures.jsonl and summary.json."""
+    images, annotations, failures = [], [], []
+    for i in range(n_shards):
+        shard = read_json(run_dir.shard_file(i))
+        images += shard["images"]
+        annotations += shard["annotations"]
+        failures += shard["failures"]
+    out = run_dir.path / OUTPUT
+    write_coco(out, coco_file(images, annotations))
+    write_jsonl(run_dir.path / "failures.jsonl", failures)
+    summary = {
+        "images": len(images) + len(failures),
+        "labelled": len(images),
+        "failed": len(failures),
+        "annotations": len(annotations),
+        "seconds": round(seconds, 2),
+    }
+    atomic_write_json(run_dir.path / "summary.json", summary)
+    print(
+        f"{summary['images']} images: {summary['annotations']} masks on {summary['labelled']}, "
+        f"{summary['failed']} failed (see failures.jsonl) -> {out}",
+        file=sys.stderr,
+    )
+    for f in failures[:10]:
+        print(f"  failed: {f['file_name']}: {f['reason']}", file=sys.stderr)
+    return out

