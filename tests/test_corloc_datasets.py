@@ -1,0 +1,86 @@
+"""CorLoc on hand-made boxes, and ground truth as the protocols read it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import DatasetConfig
+from stages.corloc import corloc
+from stages.datasets import ground_truth_boxes, list_images
+
+
+def test_corloc_is_the_exact_fraction_of_hits():
+    gt = {
+        "a": np.array([[0, 0, 10, 10], [50, 50, 60, 60]]),
+        "b": np.array([[0, 0, 10, 10]]),
+        "c": np.array([[0, 0, 10, 10]]),
+        "d": np.array([[0, 0, 100, 100]]),
+        "e": np.zeros((0, 4)),  # no ground truth: not counted
+    }
+    pred = {
+        "a": np.array([50, 50, 60, 61]),  # IoU 10/11 with the second box: hit
+        "b": np.array([0, 0, 10, 20]),  # IoU exactly 0.5: hit
+        "c": np.array([0, 0, 10, 21]),  # IoU 10/21 < 0.5: miss
+        "d": None,  # nothing found: miss
+        "e": np.array([0, 0, 1, 1]),
+    }
+    assert corloc(pred, gt) == {"corloc": 0.5, "hits": 2, "images": 4}
+
+
+def voc(tmp_path):
+    root = tmp_path / "VOC2007"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main" / "trainval.txt").write_text("000005\n000007\n")
+    for name, boxes in {"000005": [(1, 1, 100, 50)], "000007": [(10, 20, 30, 40), (5, 5, 9, 9)]}.items():
+        objs = "".join(
+            f"<object><name>x</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>"
+            "</bndbox></object>"
+            for a, b, c, d in boxes
+        )
+        (root / "Annotations" / f"{name}.xml").write_text(f"<annotation>{objs}</annotation>")
+    return DatasetConfig(name="voc07", kind="voc", root=str(root), annotations=None, split="trainval")
+
+
+def test_voc_boxes_lose_one_on_the_top_left(tmp_path):
+    cfg = voc(tmp_path)
+    assert [r.file_name for r in list_images(cfg)] == ["JPEGImages/000005.jpg", "JPEGImages/000007.jpg"]
+    gt = ground_truth_boxes(cfg)
+    assert gt["JPEGImages/000005.jpg"].tolist() == [[0, 0, 100, 50]]
+    assert gt["JPEGImages/000007.jpg"].tolist() == [[9, 19, 30, 40], [4, 4, 9, 9]]
+
+
+def test_coco20k_keeps_listed_images_and_drops_crowd_boxes(tmp_path):
+    coco = {
+        "images": [
+            {"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "width": 9, "height": 9} for i in (1, 2, 3)
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "bbox": [0, 0, 9, 9], "iscrowd": 1},
+            {"id": 3, "image_id": 3, "bbox": [0, 0, 2, 2], "iscrowd": 0},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    (tmp_path / "list.txt").write_text(
+        "train2014/COCO_train2014_000000000001.jpg\nCOCO_train2014_000000000003.jpg\n"
+    )
+    (tmp_path / "images").mkdir()
+    cfg = DatasetConfig(
+        "coco20k", "coco20k", str(tmp_path / "images"), str(tmp_path / "ann.json"), str(tmp_path / "list.txt")
+    )
+    assert [r.id for r in list_images(cfg)] == [1, 3]
+    gt = ground_truth_boxes(cfg)
+    assert gt["COCO_train2014_000000000001.jpg"].tolist() == [[1, 2, 4, 6]]
+
+
+def test_image_folder_is_recursive_and_sorted(tmp_path):
+    for name in ("b.JPG", "a/c.webp", "a/d.png", "notes.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    cfg = DatasetConfig("f", "imagefolder", str(tmp_path), None, None)
+    assert [(r.id, r.file_name) for r in list_images(cfg)] == [(1, "a/c.webp"), (2, "a/d.png"), (3, "b.JPG")]
+    with pytest.raises(Exception, match="no ground truth"):
+        ground_truth_boxes(cfg)

@@ -1,0 +1,82 @@
+"""COCO export round-trips through pycocotools; images of any mode load as RGB; bad files are named."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from stages.export import CocoError, coco_file, mask_annotation, write_coco
+from stages.io import BadImage, atomic_write_bytes, atomic_write_text, load_rgb
+
+
+def test_coco_round_trip_keeps_size_area_and_box(tmp_path):
+    height, width = 30, 50  # not square: a width/height swap would show
+    mask = np.zeros((height, width), bool)
+    mask[5:12, 20:44] = True
+    mask[20:25, 2:4] = True
+    images = [{"id": 7, "file_name": "a.jpg", "width": width, "height": height}]
+    path = tmp_path / "labels.json"
+    write_coco(path, coco_file(images, [mask_annotation(mask, 7), mask_annotation(mask[::-1], 7)]))
+    coco = COCO(str(path))
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=7))
+    assert [a["id"] for a in anns] == [1, 2]
+    assert np.array_equal(coco.annToMask(anns[0]), mask)
+    assert anns[0]["area"] == int(mask.sum()) == 178
+    assert anns[0]["bbox"] == [2.0, 5.0, 42.0, 20.0]
+    assert isinstance(json.loads(path.read_text())["annotations"][0]["segmentation"]["counts"], str)
+    assert coco.loadCats(1)[0]["name"] == "fg"
+
+
+def test_wrong_files_are_refused_before_writing(tmp_path):
+    mask = np.ones((30, 50), bool)
+    swapped = [{"id": 1, "file_name": "a.jpg", "width": 30, "height": 50}]
+    path = tmp_path / "labels.json"
+    with pytest.raises(CocoError, match="image \\(height, width\\)"):
+        write_coco(path, coco_file(swapped, [mask_annotation(mask, 1)]))
+    ann = mask_annotation(mask, 1)
+    ann["area"] = 5
+    good = [{"id": 1, "file_name": "a.jpg", "width": 50, "height": 30}]
+    with pytest.raises(CocoError, match="area"):
+        write_coco(path, coco_file(good, [ann]))
+    with pytest.raises(CocoError, match="unknown image_id"):
+        write_coco(path, coco_file(good, [mask_annotation(mask, 2)]))
+    assert not path.exists()
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write_text(path, "old")
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "text is not bytes: the write itself fails")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16", "LA"])
+def test_every_image_mode_loads_as_8_bit_rgb(tmp_path, mode):
+    base = Image.fromarray(np.linspace(0, 255, 40 * 60).reshape(40, 60).astype(np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(base).astype(np.uint16) * 257)
+        path = tmp_path / "img.png"
+    else:
+        img = base.convert(mode)
+        path = tmp_path / ("img.jpg" if mode in ("L", "CMYK") else "img.png")
+    img.save(path)
+    rgb = load_rgb(path)
+    assert rgb.shape == (40, 60, 3) and rgb.dtype == np.uint8
+    assert rgb.flags.writeable
+    assert rgb.max() > 200  # 16-bit data is scaled, not clipped to white or black
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff not a jpeg", "truncated"])
+def test_unreadable_and_truncated_files_raise_bad_image(tmp_path, content):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:400])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BadImage, match="unreadable"):
+        load_rgb(path)
