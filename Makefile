@@ -42,7 +42,7 @@ pseudolabels: $(STAMP) $(DATA_DEPS)
 eval-corloc: $(STAMP) $(DATA_DEPS)
 	$(RUN) eval-corloc --dataset $(DATASET) --method $(METHOD) $(OVERRIDES)
 
-test: $(STAMP)
+test: $(STAMP) data/demo/annotations.json
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 lint: $(STAMP)
