@@ -1,0 +1,188 @@
+"""BA ("Betrayed by Attention") video clustering: object tracks from a spatio-temporal attention matrix.
+
+Input: ``attn`` (N, K), one row per query patch of the video (N = T*h*w, frame-major, each frame in raster
+order), one column per key (the keys of every k-th frame). Row i is the attention distribution of patch i
+over the keys; patches of one object attend alike, in every frame, so grouping rows groups patches into
+object tracks that span the whole video.
+
+Distance. ``symmetric_kl`` is the *sum* KL(p||q) + KL(q||p), the distance of the BA public code (its
+``kl_distance``: cross entropies minus self entropies), which SPEC's thresholds tau = 1.0 / 1.6 refer to.
+
+Clustering (SPEC "BA (videos)"). A round is one greedy pass over the current items (rows, later
+centroids): items are taken in index order; the first item not yet absorbed becomes a leader and absorbs
+every item not yet absorbed whose distance to it is <= tau (itself included); the new centroid is the mean
+of the absorbed members' rows. Rounds repeat on the centroids until a round leaves the count unchanged
+(every leader absorbed only itself, so the centroids are unchanged too) or ``max_rounds`` rounds have run.
+Finally every row joins its nearest centroid. Labels are numbered 0..C-1 by first appearance in row order.
+
+Differences from the BA public code, on purpose:
+- Centroid of a merged group = mean of all its member *rows* (centroids weighted by their member counts);
+  the public code averages the member centroids with equal weights from the second round on.
+- The public code's first round, on 3-frame windows, first replaces each row by the normalised mean of its
+  tau-neighbours and only then absorbs; SPEC's round is the plain absorption, which is what runs here.
+  Its windowing is available as ``first_round_block`` (a memory bound, see ``cluster_attention``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+# Floor under probabilities before the log. Softmax attention over thousands of keys underflows to 0 in
+# float32, and 0 * log 0 would be NaN; a floor this small changes the distance by far less than tau.
+LOG_FLOOR = 1e-12
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Pairwise symmetric KL divergence between rows: (N, K), (M, K) distributions -> (N, M).
+
+    D[i, j] = KL(p_i || q_j) + KL(q_j || p_i) = sum_k (p_ik - q_jk)(log p_ik - log q_jk), the *sum* of the two
+    divergences (BA's convention). Expanded as sum p log p + sum q log q - p . log q - q . log p, so the
+    whole matrix costs two matrix products (one when ``q is p``). Probabilities are floored at LOG_FLOOR
+    inside the logs only. Rounding can leave tiny negative values; they are clamped to 0 (the divergence
+    is non-negative).
+    """
+    log_p = p.clamp_min(LOG_FLOOR).log()
+    self_p = (p * log_p).sum(dim=1, keepdim=True)  # (N, 1): minus the entropy of each p row
+    if q is p:  # all pairs of one set: the two cross terms are transposes, one product is enough
+        cross = p @ log_p.T
+        return (self_p + self_p.T - cross - cross.T).clamp_min(0)
+    log_q = q.clamp_min(LOG_FLOOR).log()
+    self_q = (q * log_q).sum(dim=1).unsqueeze(0)  # (1, M)
+    cross = p @ log_q.T + log_p @ q.T  # (N, M)
+    return (self_p + self_q - cross).clamp_min(0)
+
+
+def _greedy_absorb(dist: torch.Tensor, tau: float) -> torch.Tensor:
+    """One round of greedy absorption on an (n, n) distance matrix -> (n,) group of each item, 0..c-1.
+
+    Items are visited in index order; the loop runs once per *group* (not per item): the lowest-index free
+    item is the next leader, and its group is every free item within tau, found with one masked row.
+    Groups are numbered in the order their leaders were found.
+    """
+    within = dist <= tau
+    within.fill_diagonal_(True)  # a leader always absorbs itself, whatever rounding left on the diagonal
+    free = torch.ones(dist.shape[0], dtype=torch.bool, device=dist.device)
+    group = torch.empty(dist.shape[0], dtype=torch.long, device=dist.device)
+    n_groups = 0
+    while bool(free.any()):
+        leader = int(torch.argmax(free.to(torch.uint8)))  # argmax returns the first maximum: lowest index
+        members = within[leader] & free
+        group[members] = n_groups
+        free &= ~members
+        n_groups += 1
+    return group
+
+
+def _merge(
+    rows: torch.Tensor, weights: torch.Tensor, group: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean of the rows of each group -> (c, K) centroids and (c,) total weights."""
+    n_groups = int(group.max()) + 1
+    total = torch.zeros(n_groups, dtype=weights.dtype, device=rows.device).index_add_(0, group, weights)
+    summed = torch.zeros(n_groups, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    summed.index_add_(0, group, rows * weights.unsqueeze(1))
+    return summed / total.unsqueeze(1), total
+
+
+def _first_round(attn: torch.Tensor, tau: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorption on consecutive blocks of ``block`` rows, each on its own -> centroids and member counts,
+    in block order (so the leaders stay in global row order)."""
+    centroids, counts = [], []
+    for start in range(0, attn.shape[0], block):
+        rows = attn[start : start + block]
+        group = _greedy_absorb(symmetric_kl(rows, rows), tau)
+        c, w = _merge(rows, torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device), group)
+        centroids.append(c)
+        counts.append(w)
+    return torch.cat(centroids), torch.cat(counts)
+
+
+def first_appearance_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Renumber integer labels (any shape) 0..C-1 in the order each value first appears (flattened order)."""
+    flat = labels.reshape(-1)
+    values, inverse = torch.unique(flat, return_inverse=True)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    first = torch.full((values.numel(),), flat.numel(), dtype=torch.long, device=flat.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    rank = torch.empty_like(first)
+    rank[torch.argsort(first)] = torch.arange(values.numel(), device=flat.device)
+    return rank[inverse].reshape(labels.shape)
+
+
+def nearest_centroid(attn: torch.Tensor, centroids: torch.Tensor, block: int | None) -> torch.Tensor:
+    """(N, K) rows, (C, K) centroids -> (N,) index of the nearest centroid by symmetric KL (ties: lowest
+    index). ``block`` rows at a time bounds the (block, K) log of the rows; None = all at once."""
+    step = attn.shape[0] if block is None else block
+    parts = [symmetric_kl(attn[s : s + step], centroids).argmin(dim=1) for s in range(0, attn.shape[0], step)]
+    return torch.cat(parts)
+
+
+def cluster_attention(
+    attn: torch.Tensor, tau: float, max_rounds: int, first_round_block: int | None = None
+) -> torch.Tensor:
+    """BA hierarchical clustering of attention rows: (N, K) attention -> (N,) long labels 0..C-1.
+
+    attn: one distribution per row (rows are renormalised to sum 1; any float dtype, computed in float32 or
+    float64). tau: symmetric-KL threshold (SPEC: 1.0; 1.6 merges all foreground). max_rounds: at most this
+    many absorption rounds in all (>= 1); the loop usually stops earlier, when the count stops changing.
+    first_round_block: None = the first round sees all N rows at once (SPEC; memory N x N). An int runs the
+    first round on consecutive blocks of that many rows, each on its own, as the BA code does on 3-frame
+    windows (pass 3*h*w); memory is then block x block, and later rounds work on the centroids of all blocks.
+    Labels are numbered by first appearance in row order; a centroid that wins no row leaves no label.
+    """
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    if attn.ndim != 2 or attn.shape[0] == 0:
+        raise ValueError(f"attn must be a non-empty (N, K) matrix, got shape {tuple(attn.shape)}")
+    if first_round_block is not None and first_round_block < 1:
+        raise ValueError(f"first_round_block must be >= 1 or None, got {first_round_block}")
+    rows = attn if attn.dtype == torch.float64 else attn.float()
+    rows = rows / rows.sum(dim=1, keepdim=True)
+    centroids, counts = _first_round(rows, tau, first_round_block or rows.shape[0])
+    for _ in range(max_rounds - 1):
+        group = _greedy_absorb(symmetric_kl(centroids, centroids), tau)
+        if int(group.max()) + 1 == centroids.shape[0]:
+            break  # every leader absorbed only itself: nothing can change any more
+        centroids, counts = _merge(centroids, counts, group)
+    return first_appearance_labels(nearest_centroid(rows, centroids, first_round_block))
+
+
+def border_mask(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
+    """(h, w) bool: True on the first and last row and column of the patch grid."""
+    mask = torch.zeros(h, w, dtype=torch.bool, device=device)
+    mask[[0, -1], :] = True
+    mask[:, [0, -1]] = True
+    return mask
+
+
+def background_cluster(labels: torch.Tensor, rule: Literal["border", "largest"]) -> int:
+    """The background among the clusters of a video: (T, h, w) non-negative labels -> the background label.
+
+    Border count of a cluster = its patches on the border of the patch grid (first/last row and column of
+    each frame; a corner counts once), summed over frames. Size = its patches over all frames.
+    rule 'border': most border patches; ties -> larger size; then lower label.
+    rule 'largest': largest size; ties -> more border patches; then lower label.
+    """
+    if rule not in ("border", "largest"):
+        raise ValueError(f"rule must be 'border' or 'largest', got {rule!r}")
+    n_labels = int(labels.max()) + 1
+    border = border_mask(labels.shape[1], labels.shape[2], labels.device).expand_as(labels)
+    on_border = torch.bincount(labels[border], minlength=n_labels).tolist()
+    size = torch.bincount(labels.reshape(-1), minlength=n_labels).tolist()
+    primary, secondary = (on_border, size) if rule == "border" else (size, on_border)
+    present = [c for c in range(n_labels) if size[c] > 0]
+    # max() keeps the first of equal keys, so equal (primary, secondary) go to the lower label
+    return max(present, key=lambda c: (primary[c], secondary[c]))
+
+
+def instance_tracks(labels: torch.Tensor, background: int) -> torch.Tensor:
+    """(T, h, w) cluster labels -> (T, h, w) long tracks: 0 = the background cluster, 1..K = the other
+    clusters numbered by first appearance in (t, y, x) order. A cluster spans frames, so its number is the
+    object's identity in every frame."""
+    foreground = labels != background
+    tracks = torch.zeros(labels.shape, dtype=torch.long, device=labels.device)
+    if foreground.any():
+        tracks[foreground] = first_appearance_labels(labels[foreground]) + 1
+    return tracks
