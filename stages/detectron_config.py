@@ -1,0 +1,32 @@
+"""The config keys this project adds to detectron2, with their defaults (SPEC "CutLER training").
+
+Call :func:`add_cutler_config` on a fresh ``get_cfg()`` before merging a YAML from ``detectron_configs/``.
+"""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode
+
+
+def add_cutler_config(cfg: CfgNode) -> None:
+    """Add the CutLER keys to a detectron2 config, in place.
+
+    - ``MODEL.ROI_HEADS.DROPLOSS.ENABLED``: drop the classification loss of proposals that overlap no
+      pseudo-box (used by the ROI heads of ``stages/droploss.py``). Off by default, like every optional
+      detectron2 feature: the round-0 YAML turns it on, self-training rounds leave it off.
+    - ``MODEL.ROI_HEADS.DROPLOSS.IOU_THRESH``: a proposal whose regressed box has max IoU <= this with every
+      pseudo-box of its image gets weight 0 in the classification loss.
+    - ``INPUT.COPY_PASTE.ENABLED``: apply the batch-level copy-paste of ``stages/copy_paste.py``.
+    - ``INPUT.COPY_PASTE.RATIO_RANGE``: (low, high) of the uniform scale of pasted objects (round 0;
+      self-training rounds use (0.5, 1.0) in their YAML).
+    - ``INPUT.COPY_PASTE.MIN_AREA``: an existing mask that loses pixels under a pasted object and keeps
+      fewer than this many pixels is dropped (16 px = a 4x4 fragment, far below the smallest FPN anchor).
+    """
+    cfg.MODEL.ROI_HEADS.DROPLOSS = CfgNode()
+    cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED = False
+    cfg.MODEL.ROI_HEADS.DROPLOSS.IOU_THRESH = 0.01
+
+    cfg.INPUT.COPY_PASTE = CfgNode()
+    cfg.INPUT.COPY_PASTE.ENABLED = False
+    cfg.INPUT.COPY_PASTE.RATIO_RANGE = (0.3, 1.0)
+    cfg.INPUT.COPY_PASTE.MIN_AREA = 16
