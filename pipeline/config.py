@@ -87,7 +87,7 @@ class MaskCutConfig:
     min_area: float  # drop a mask covering at most this fraction of the image
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: Literal["crf", "bilateral", "none"]
-    solver: Literal["dense"]  # the generalized eigensolve (stages/ncut.py)
+    solver: Literal["fast", "dense"]  # the generalized eigensolve (stages/ncut.py); dense = LAPACK reference
 
     def validate(self, key: str) -> None:
         _validate_graphs(self.graph, f"{key}.graph")
@@ -109,7 +109,7 @@ class TokenCutConfig:
     eps: float
     resize: int | None
     refine: Literal["crf", "bilateral", "none"]
-    solver: Literal["dense"]
+    solver: Literal["fast", "dense"]
 
     def validate(self, key: str) -> None:
         _validate_graphs(self.graph, f"{key}.graph")
@@ -216,12 +216,50 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Detector training and self-training (SPEC "CutLER training"); detectron2 values live in
+    detectron_configs/."""
+
+    model: Literal["cascade_mask_rcnn_R_50_FPN", "mask_rcnn_R_50_FPN"]  # detectron_configs/<model>.yaml
+    rounds: int  # round 0 on the pseudo-labels, then rounds - 1 self-training rounds
+    init: str | None  # a DINO ResNet-50 checkpoint (torchvision layout); None = random init with GroupNorm
+    schedule: list[str]  # more detectron_configs/<name>.yaml merged last (e.g. tiny_cpu)
+    score_thresh: list[float]  # kept predictions per self-training round 1, 2, ...; the last one repeats
+    merge_iou: float  # an old mask survives when its max IoU with the kept predictions is below this
+    detections_per_image: int  # predictions per image when re-labelling
+    num_gpus: int  # 0 = every visible GPU (none on a CPU machine)
+    opts: list[Any]  # extra detectron2 overrides: KEY VALUE ... (checked by detectron2 when selftrain starts)
+
+    def validate(self, key: str) -> None:
+        _positive(f"{key}.rounds", self.rounds)
+        _positive(f"{key}.detections_per_image", self.detections_per_image)
+        if not self.score_thresh or not all(0 <= t <= 1 for t in self.score_thresh):
+            _fail(f"{key}.score_thresh", f"needs one or more values in [0, 1], got {self.score_thresh}")
+        if not 0 < self.merge_iou <= 1:
+            _fail(f"{key}.merge_iou", f"must be in (0, 1], got {self.merge_iou}")
+        if self.num_gpus < 0:
+            _fail(f"{key}.num_gpus", f"must be >= 0, got {self.num_gpus}")
+        if len(self.opts) % 2:
+            _fail(f"{key}.opts", "needs KEY VALUE pairs")
+        from stages.train import DETECTRON_CONFIGS
+
+        for name in self.schedule:
+            if not (DETECTRON_CONFIGS / f"{name}.yaml").exists():
+                _fail(f"{key}.schedule", f"no detectron_configs/{name}.yaml")
+
+    def thresh(self, round_index: int) -> float:
+        """Score threshold of self-training round ``round_index`` >= 1."""
+        return self.score_thresh[min(round_index, len(self.score_thresh)) - 1]
+
+
+@dataclass(frozen=True)
 class Config:
     dataset: DatasetConfig
     backbone: BackboneConfig
     method: MethodConfig
     refine: RefineConfig
     run: RunConfig
+    train: TrainConfig
     seed: int = field(default=0)
 
     def validate(self) -> None:
@@ -233,15 +271,12 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def digest(self, exclude: tuple[str, ...] = ()) -> str:
-        """Short hash of everything that can change the outputs (worker counts etc. can be excluded)."""
-        data = self.to_dict()
+    def digest(self, sections: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
+        """Short hash of the given top-level sections, less the excluded dotted keys (worker counts etc.)."""
+        data = {k: v for k, v in self.to_dict().items() if k in sections}
         for dotted in exclude:
-            parent = data
-            *path, last = dotted.split(".")
-            for part in path:
-                parent = parent[part]
-            parent.pop(last, None)
+            section, key = dotted.split(".")
+            data.get(section, {}).pop(key, None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -296,6 +331,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             _fail(key, f"must be one of {list(args)}, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(key, f"expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             _fail(key, f"expected a mapping, got {value!r}")
@@ -355,11 +394,15 @@ def _named_yaml(kind: str, name: str) -> dict[str, Any]:
     return _read_yaml(path)
 
 
-def load_config(dataset: str = "demo", method: str = "maskcut", overrides: list[str] = ()) -> Config:
-    """Resolve the configuration of a run: defaults, then the method and dataset files, then overrides."""
+def load_config(
+    dataset: str = "demo", method: str = "maskcut", overrides: list[str] = (), preset: str | None = None
+) -> Config:
+    """Resolve the configuration of a run: defaults, the method and dataset files, a preset, overrides."""
     data = _read_yaml(CONFIG_DIR / "defaults.yaml")
     data = merge(data, _named_yaml("methods", method))
     data = merge(data, _named_yaml("datasets", dataset))
+    if preset:
+        data = merge(data, _named_yaml("presets", preset))
     for text in overrides:
         data = merge(data, parse_override(text))
     cfg = from_dict(Config, data)

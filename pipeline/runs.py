@@ -13,6 +13,11 @@ from stages.backbone import ARCHS, WeightsError, find_weights, missing_weights_m
 from stages.datasets import ImageRecord, resolve
 from stages.io import atomic_write_json, read_json
 
+# The config sections that shape each stage's outputs.
+STAGE_SECTIONS = {
+    "pseudolabels": ("seed", "dataset", "backbone", "method", "refine", "run"),
+    "selftrain": ("seed", "dataset", "backbone", "method", "refine", "run", "train"),
+}
 # Keys that change how a run executes, not what it produces: they stay out of the run directory's hash.
 EXECUTION_KEYS = (
     "backbone.device",
@@ -23,6 +28,8 @@ EXECUTION_KEYS = (
     "run.ray_address",
     "run.object_store_mb",
     "run.overlays",
+    "train.rounds",  # more rounds extend a run; earlier rounds stay valid
+    "train.num_gpus",
 )
 
 
@@ -59,7 +66,7 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: Config, stage: str) -> RunDir:
-        name = f"{cfg.dataset.name}-{cfg.method.name}-{cfg.digest(exclude=EXECUTION_KEYS)}"
+        name = f"{cfg.dataset.name}-{cfg.method.name}-{cfg.digest(STAGE_SECTIONS[stage], EXECUTION_KEYS)}"
         return cls(resolve(cfg.run.out_dir) / stage / name)
 
     @property

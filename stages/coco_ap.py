@@ -32,13 +32,13 @@ def evaluate_ap(gt: dict, detections: list[dict], max_dets: int) -> dict[str, di
 
     gt: a COCO instances dict (any categories: mapped to one class). detections: COCO results with
     image_id, bbox [x, y, w, h], score and, for masks, an RLE 'segmentation' (str or bytes counts).
-    Images of ``gt`` without detections count as misses; mask AP is skipped when no detection has a mask.
+    Images of ``gt`` without detections count as misses; mask AP needs every detection to have a mask.
     """
     coco_gt = COCO()
     coco_gt.dataset = class_agnostic(gt)
     _quiet(coco_gt.createIndex)
     dets = [{**d, "category_id": 1} for d in detections]
-    kinds = ["bbox"] + (["segm"] if dets and all("segmentation" in d for d in dets) else [])
+    kinds = ["bbox"] + (["segm"] if all("segmentation" in d for d in dets) else [])
     results = {}
     for kind in kinds:
         if not dets:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from pipeline.config import CONFIG_DIR, DatasetConfig
 from stages.io import IMAGE_SUFFIXES, read_json
@@ -113,3 +114,39 @@ def _voc_boxes(path: Path) -> np.ndarray:
         x0, y0, x1, y1 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([x0 - 1, y0 - 1, x1, y1])
     return np.asarray(boxes, dtype=float).reshape(-1, 4)
+
+
+def ground_truth_coco(cfg: DatasetConfig) -> dict | None:
+    """The dataset's ground truth as a COCO instances dict for AP (VOC: boxes only, so box AP only);
+    None for an image folder."""
+    if cfg.kind == "imagefolder":
+        return None
+    if cfg.kind != "voc":
+        data = _coco_json(cfg)
+        if cfg.kind == "coco20k":
+            keep = {r.id for r in list_images(cfg)}
+            data = {
+                **data,
+                "images": [im for im in data["images"] if im["id"] in keep],
+                "annotations": [a for a in data.get("annotations", []) if a["image_id"] in keep],
+            }
+        return data
+    images, anns = [], []
+    boxes = ground_truth_boxes(cfg)
+    for rec in list_images(cfg):
+        with Image.open(rec.path) as im:
+            width, height = im.size
+        images.append({"id": rec.id, "file_name": rec.file_name, "width": width, "height": height})
+        for x0, y0, x1, y1 in boxes[rec.file_name]:
+            w, h = float(x1 - x0), float(y1 - y0)
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": rec.id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [float(x0), float(y0), w, h],
+                    "area": w * h,
+                }
+            )
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "fg"}]}

@@ -65,9 +65,14 @@ def test_unknown_dataset_and_bad_override_syntax():
 
 
 def test_digest_ignores_execution_settings_only():
-    from pipeline.runs import EXECUTION_KEYS
+    from pipeline.runs import EXECUTION_KEYS, STAGE_SECTIONS
+
+    def digest(cfg, stage="pseudolabels"):
+        return cfg.digest(STAGE_SECTIONS[stage], EXECUTION_KEYS)
 
     base = load_config()
-    same = load_config(overrides=["run.workers=7", "backbone.device=cpu"])
+    same = load_config(overrides=["run.workers=7", "backbone.device=cpu", "train.merge_iou=0.4"])
     other = load_config(overrides=["method.n_masks=2"])
-    assert base.digest(EXECUTION_KEYS) == same.digest(EXECUTION_KEYS) != other.digest(EXECUTION_KEYS)
+    assert digest(base) == digest(same) != digest(other)  # training settings don't touch pseudo-labels
+    assert digest(base, "selftrain") != digest(same, "selftrain")
+    assert digest(base, "selftrain") == digest(load_config(overrides=["train.rounds=5"]), "selftrain")

@@ -1,0 +1,102 @@
+"""A trained detector as a self-contained directory, and the inference stage that runs it over images.
+
+A detector directory holds ``model_final.pth`` (weights), ``config.yaml`` (the full detectron2 config)
+and ``metadata.json`` (which data, method, round and commit made it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.backbone import resolve_device
+from stages.datasets import ImageRecord
+from stages.export import mask_annotation
+from stages.io import BadImage, atomic_write_json, load_rgb
+
+WEIGHTS = "model_final.pth"
+CONFIG = "config.yaml"
+METADATA = "metadata.json"
+
+
+@dataclass
+class Detections:
+    boxes: np.ndarray  # (N, 4) float [x0, y0, x1, y1], best score first
+    masks: np.ndarray  # (N, H, W) bool
+    scores: np.ndarray  # (N,)
+
+
+class Detector:
+    """Callable detector: ``det(rgb) -> Detections`` on an HxWx3 uint8 RGB image."""
+
+    def __init__(self, cfg, max_detections: int | None = None):
+        from detectron2.engine import DefaultPredictor
+
+        cfg = cfg.clone()
+        cfg.defrost()
+        if max_detections is not None:
+            cfg.TEST.DETECTIONS_PER_IMAGE = max_detections
+        self.cfg = cfg
+        self.predictor = DefaultPredictor(cfg)
+
+    def __call__(self, rgb: np.ndarray) -> Detections:
+        # DefaultPredictor takes BGR and converts to the model's INPUT.FORMAT (RGB) itself
+        inst = self.predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["instances"].to("cpu")
+        order = inst.scores.argsort(descending=True)
+        inst = inst[order]
+        masks = (
+            inst.pred_masks.numpy() if inst.has("pred_masks") else np.zeros((len(inst), *rgb.shape[:2]), bool)
+        )
+        return Detections(inst.pred_boxes.tensor.numpy(), masks.astype(bool), inst.scores.numpy())
+
+
+def detector_cfg(model_dir: Path, device: str = "auto"):
+    """The detectron2 config stored in a detector directory, pointed at its weights and the device."""
+    from detectron2.config import get_cfg
+
+    import stages.droploss  # noqa: F401  (registers the ROI heads the config names)
+    from stages.detectron_config import add_cutler_config
+
+    model_dir = Path(model_dir)
+    for name in (WEIGHTS, CONFIG):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir} is not a detector directory: no {name}")
+    cfg = get_cfg()
+    add_cutler_config(cfg)
+    cfg.merge_from_file(str(model_dir / CONFIG))
+    cfg.MODEL.WEIGHTS = str(model_dir / WEIGHTS)
+    cfg.MODEL.DEVICE = resolve_device(device).type
+    return cfg
+
+
+def load_detector(model_dir: str | Path, device: str = "auto", max_detections: int | None = None) -> Detector:
+    """Load a detector directory produced by self-training: ``det = load_detector(path); det(rgb)``."""
+    return Detector(detector_cfg(Path(model_dir), device), max_detections)
+
+
+def run_shard(detector: Detector, records: list[ImageRecord], out_path: Path) -> dict:
+    """Detect objects in one shard of images; writes the shard file (scored COCO annotations, each with the
+    detector's own box as ``det_bbox``) atomically. Unreadable images are recorded, not raised."""
+    start = time.perf_counter()
+    images, annotations, failures = [], [], []
+    for rec in records:
+        try:
+            rgb = load_rgb(Path(rec.path))
+        except BadImage as e:
+            failures.append({"id": rec.id, "file_name": rec.file_name, "reason": str(e)})
+            continue
+        height, width = rgb.shape[:2]
+        images.append({"id": rec.id, "file_name": rec.file_name, "width": width, "height": height})
+        det = detector(rgb)
+        for box, mask, score in zip(det.boxes, det.masks, det.scores, strict=True):
+            if mask.any():
+                x0, y0, x1, y1 = (float(v) for v in box)
+                # bbox stays the mask's (these become training labels); the regressed box is kept for box AP
+                annotations.append(
+                    {**mask_annotation(mask, rec.id, score), "det_bbox": [x0, y0, x1 - x0, y1 - y0]}
+                )
+    atomic_write_json(out_path, {"images": images, "annotations": annotations, "failures": failures})
+    return {"images": len(records), "annotations": len(annotations), "seconds": time.perf_counter() - start}

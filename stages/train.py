@@ -1,0 +1,172 @@
+"""The detector training stage: one round of class-agnostic (Cascade) Mask R-CNN on a COCO label file.
+
+Everything here extends detectron2 through its public API: our config keys (stages/detectron_config.py),
+registered ROI heads (stages/droploss.py), a DefaultTrainer whose loader adds copy-paste
+(stages/copy_paste.py), and datasets registered by name at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import CONFIG_DIR, TrainConfig
+from stages.io import read_json
+
+DETECTRON_CONFIGS = CONFIG_DIR.parent / "detectron_configs"
+
+
+class TrainingError(RuntimeError):
+    """Training inputs that cannot work (empty labels, missing images, mismatched files)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weights: str, device: str):
+    """The full detectron2 config of one round: model file, self-training overlay (rounds >= 1), schedule
+    files, ``train.opts``; then what only the pipeline knows (device, weights, norm, output dir)."""
+    from detectron2.config import get_cfg
+
+    import stages.droploss  # noqa: F401  (registers the ROI heads named in the YAML)
+    from stages.detectron_config import add_cutler_config
+
+    cfg = get_cfg()
+    add_cutler_config(cfg)
+    cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{train.model}.yaml"))
+    if round_index >= 1:
+        cfg.merge_from_file(str(DETECTRON_CONFIGS / "selftrain.yaml"))
+    for name in train.schedule:
+        cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{name}.yaml"))
+    cfg.merge_from_list(list(train.opts))
+    if train.init:  # BN statistics of the DINO ResNet-50 need BN layers; GN stays for random init
+        norm = "SyncBN" if torch.cuda.device_count() > 1 and device == "cuda" else "BN"
+        cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = norm
+    cfg.MODEL.DEVICE = device
+    cfg.SOLVER.AMP.ENABLED = bool(cfg.SOLVER.AMP.ENABLED and device.startswith("cuda"))  # AMP is CUDA-only
+    cfg.MODEL.WEIGHTS = weights
+    cfg.TEST.EVAL_PERIOD = 0  # evaluation is the pipeline's, on its own ground truth
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
+
+
+def register_labels(name: str, labels: Path, image_root: str) -> None:
+    """Register a COCO label file as detectron2 dataset ``name`` (replacing an older registration)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(labels), image_root)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def check_labels(labels: Path, image_root: str, dataset_files: set[str]) -> dict:
+    """Refuse to train on labels that cannot work; returns the label file's content."""
+    data = read_json(labels)
+    if not data.get("annotations"):
+        raise TrainingError(f"{labels} has no annotations: nothing to train on")
+    names = [im["file_name"] for im in data["images"]]
+    foreign = [n for n in names if n not in dataset_files]
+    if foreign:
+        raise TrainingError(
+            f"{labels} does not belong to this dataset: {len(foreign)} of its images are not in it "
+            f"(e.g. {foreign[:3]})"
+        )
+    missing = [n for n in names if not (Path(image_root) / n).is_file()]
+    if missing:
+        raise TrainingError(
+            f"{len(missing)} training images are missing under {image_root} (e.g. {missing[:3]})"
+        )
+    return data
+
+
+def _d2_name(key: str) -> str | None:
+    """detectron2's name for a torchvision ResNet key: conv1/bn1 -> stem, layerN.b -> res{N+1}.b,
+    downsample -> shortcut, bnK -> convK.norm; None for the classifier."""
+    if key.startswith("fc."):
+        return None  # the classifier is not part of the detector
+    if key.startswith("conv1."):
+        return "stem.conv1." + key[len("conv1.") :]
+    if key.startswith("bn1."):
+        return "stem.conv1.norm." + key[len("bn1.") :]
+    m = re.match(r"^layer(\d)\.(\d+)\.(downsample\.0|downsample\.1|conv\d|bn\d)\.(.+)$", key)
+    if not m:
+        raise TrainingError(f"unexpected key '{key}' in the ResNet-50 checkpoint")
+    stage, block, part, rest = int(m[1]) + 1, m[2], m[3], m[4]
+    part = {"downsample.0": "shortcut", "downsample.1": "shortcut.norm"}.get(part) or (
+        part if part.startswith("conv") else f"conv{part[2:]}.norm"
+    )
+    return f"res{stage}.{block}.{part}.{rest}"
+
+
+def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
+    """A DINO ResNet-50 checkpoint (torchvision names, optionally under 'state_dict'/'module.') as detectron2
+    backbone weights (``backbone.bottom_up.*``)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    out = {}
+    for key, value in state.items():
+        name = _d2_name(key.removeprefix("module."))
+        if name is not None and not key.endswith("num_batches_tracked"):
+            out[f"backbone.bottom_up.{name}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def build_trainer(cfg):
+    from detectron2.data import build_detection_train_loader
+    from detectron2.engine import DefaultTrainer
+
+    from stages.copy_paste import CopyPasteLoader
+
+    class CutLERTrainer(DefaultTrainer):
+        """detectron2's trainer; its loader pastes objects between the images of each batch."""
+
+        @classmethod
+        def build_train_loader(cls, cfg):
+            rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
+            return CopyPasteLoader.from_config(cfg, build_detection_train_loader(cfg), rng)
+
+    return CutLERTrainer(cfg)
+
+
+@contextlib.contextmanager
+def training_log(output_dir: str):
+    """detectron2's iteration logs on the console (set up once) and in output_dir/log.txt (this round)."""
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    logger = setup_logger(distributed_rank=comm.get_rank(), name="detectron2")  # cached: console once
+    handler = logging.FileHandler(
+        Path(output_dir) / f"log{'' if comm.is_main_process() else comm.get_rank()}.txt"
+    )
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def train(cfg) -> Path:
+    """Train (or resume from the last checkpoint in cfg.OUTPUT_DIR); returns model_final.pth."""
+    with training_log(cfg.OUTPUT_DIR):
+        trainer = build_trainer(cfg)
+        trainer.resume_or_load(resume=True)
+        trainer.train()
+    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
