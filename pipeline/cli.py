@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pipeline.config import ConfigError, available, load_config
 
@@ -13,8 +14,9 @@ from pipeline.runs import RunError
 from stages.backbone import WeightsError
 from stages.datasets import DatasetError
 from stages.export import CocoError
+from stages.train import TrainingError
 
-USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError)
+USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError, TrainingError)
 
 
 def _pseudolabels(cfg) -> None:
@@ -29,9 +31,25 @@ def _eval_corloc(cfg) -> None:
     eval_corloc(cfg)
 
 
+def _eval(cfg, model: str | None) -> None:
+    from pipeline.evaluate import evaluate_detector, format_detector_metrics
+
+    if not model:
+        raise RunError("give the detector directory to evaluate: make eval MODEL=runs/selftrain/.../round2")
+    print(format_detector_metrics(evaluate_detector(Path(model), cfg)))
+
+
+def _selftrain(cfg) -> None:
+    from pipeline.selftrain import run
+
+    print(run(cfg))
+
+
 COMMANDS = {
     "pseudolabels": (_pseudolabels, "discover objects and write a COCO pseudo-label file"),
     "eval-corloc": (_eval_corloc, "CorLoc of a pseudo-label run against the dataset's ground truth"),
+    "selftrain": (_selftrain, "train a detector on the pseudo-labels, then self-train round after round"),
+    "eval": (_eval, "class-agnostic COCO AP/AR and CorLoc of a detector directory (--model)"),
 }
 
 
@@ -42,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--dataset", default="demo", help=f"one of {available('datasets')}")
         s.add_argument("--method", default="maskcut", help=f"one of {available('methods')}")
+        s.add_argument("--preset", default=None, help=f"one of {available('presets')}")
+        if name == "eval":
+            s.add_argument("--model", default=None, help="a detector directory (runs/selftrain/.../roundN)")
         s.add_argument(
             "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.workers=2"
         )
@@ -52,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights only ever come from local files
     try:
-        cfg = load_config(args.dataset, args.method, args.overrides)
-        COMMANDS[args.command][0](cfg)
+        cfg = load_config(args.dataset, args.method, args.overrides, args.preset)
+        command = COMMANDS[args.command][0]
+        command(cfg, args.model) if args.command == "eval" else command(cfg)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

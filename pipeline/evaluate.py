@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.detect import detections_for_ap, predict
 from pipeline.pseudolabels import OUTPUT
 from pipeline.runs import RunDir, RunError, resolve_backbone
+from stages.coco_ap import evaluate_ap
 from stages.corloc import corloc
-from stages.datasets import ground_truth_boxes
+from stages.datasets import ground_truth_boxes, ground_truth_coco, list_images
 from stages.io import atomic_write_json, read_json
 
 
@@ -40,3 +43,43 @@ def eval_corloc(cfg: Config) -> dict:
         file=sys.stderr,
     )
     return result
+
+
+def top1_boxes(predictions: dict) -> dict[str, np.ndarray | None]:
+    """file_name -> the detector's highest-scoring box [x0, y0, x1, y1] (None without detections)."""
+    names = {im["id"]: im["file_name"] for im in predictions["images"]}
+    best: dict[int, dict] = {}
+    for a in predictions["annotations"]:
+        if a["image_id"] not in best or a["score"] > best[a["image_id"]]["score"]:
+            best[a["image_id"]] = a
+    out = {name: None for name in names.values()}
+    for image_id, a in best.items():
+        x, y, w, h = a["det_bbox"]
+        out[names[image_id]] = np.array([x, y, x + w, y + h])
+    return out
+
+
+def evaluate_detector(model_dir: Path, cfg: Config) -> dict:
+    """Class-agnostic box and mask AP/AR (100 detections) and top-1-box CorLoc of a detector directory on
+    ``cfg.dataset``; predictions (resumable) and metrics are kept under model_dir/eval/<dataset>/."""
+
+    gt = ground_truth_coco(cfg.dataset)
+    if gt is None or not gt.get("annotations"):
+        raise RunError(f"dataset '{cfg.dataset.name}' has no ground truth to evaluate against")
+    out_dir = Path(model_dir) / "eval" / cfg.dataset.name
+    preds = predict(Path(model_dir), list_images(cfg.dataset), out_dir / "shards", 100, cfg)
+    metrics = {
+        "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
+        "corloc": corloc(top1_boxes(preds), ground_truth_boxes(cfg.dataset)),
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def format_detector_metrics(metrics: dict) -> str:
+    lines = ["        AP    AP50  AP75  AR100"]
+    for kind, m in metrics["ap"].items():
+        lines.append(f"{kind:6s}" + "".join(f"{100 * m[k]:6.1f}" for k in ("AP", "AP50", "AP75", "AR100")))
+    c = metrics["corloc"]
+    lines.append(f"CorLoc (top-1 box) {100 * c['corloc']:.1f}% ({c['hits']}/{c['images']})")
+    return "\n".join(lines)

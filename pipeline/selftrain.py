@@ -1,0 +1,195 @@
+"""Self-training (the CutLER recipe): round 0 trains on the pseudo-labels; each later round re-labels the
+training images with the previous round's detector, merges the labels and trains on from its weights.
+
+runs/selftrain/<dataset>-<method>-<hash>/round<r>/ is both the round's run directory and a self-contained
+detector directory (stages/detector.py). A round with a summary.json is finished and never retrained; an
+interrupted round resumes from detectron2's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline import pseudolabels
+from pipeline.config import Config, save_config
+from pipeline.detect import predict
+from pipeline.evaluate import evaluate_detector
+from pipeline.runs import RunDir, RunError, resolve_backbone
+from stages import detector as det
+from stages import train
+from stages.backbone import resolve_device
+from stages.datasets import ground_truth_coco, list_images, resolve
+from stages.export import coco_file, write_coco
+from stages.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from stages.relabel import merge_labels
+
+LABELS = "labels.json"
+SUMMARY = "summary.json"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rounds
+
+
+def relabel(previous: dict, predictions: dict, thresh: float, merge_iou: float) -> tuple[dict, dict]:
+    """New label file from the previous round's labels and the detector's predictions, image by image."""
+    old_by_image: dict[int, list] = {}
+    for a in previous["annotations"]:
+        old_by_image.setdefault(a["image_id"], []).append(a)
+    new_by_image: dict[int, list] = {}
+    for a in predictions["annotations"]:
+        new_by_image.setdefault(a["image_id"], []).append({k: v for k, v in a.items() if k != "det_bbox"})
+    merged, kept = [], 0
+    for image in previous["images"]:
+        labels = merge_labels(
+            new_by_image.get(image["id"], []), old_by_image.get(image["id"], []), thresh, merge_iou
+        )
+        kept += sum("score" in a for a in labels)
+        merged += labels
+    stats = {"predictions_kept": kept, "previous_kept": len(merged) - kept, "threshold": thresh}
+    return coco_file(previous["images"], merged), stats
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def _train_main(d2cfg, dataset_name: str, labels: Path, image_root: str) -> None:
+    # Runs in every training process (detectron2's launch spawns one per GPU): registrations are per process.
+    train.register_labels(dataset_name, labels, image_root)
+    train.train(d2cfg)
+
+
+def train_round(cfg: Config, r: int, round_dir: Path, weights: str, dataset_name: str) -> None:
+    from detectron2.engine import launch
+
+    device = resolve_device(cfg.backbone.device).type
+    d2cfg = train.detectron_cfg(cfg.train, r, round_dir, weights, device)
+    d2cfg.DATASETS.TRAIN = (dataset_name,)
+    d2cfg.DATASETS.TEST = ()
+    atomic_write_text(round_dir / det.CONFIG, d2cfg.dump())
+    gpus = cfg.train.num_gpus or (torch.cuda.device_count() if device == "cuda" else 0)
+    args = (d2cfg, dataset_name, round_dir / LABELS, str(resolve(cfg.dataset.root)))
+    if gpus > 1:
+        launch(_train_main, gpus, dist_url="auto", args=args)
+    else:
+        _train_main(*args)
+    for checkpoint in round_dir.glob("model_0*.pth"):  # the directory keeps only the final weights
+        checkpoint.unlink()
+
+
+def check_train_config(cfg: Config) -> None:
+    """Build every round's detectron2 config once, so a bad key or value stops the run before any work."""
+    device = resolve_device(cfg.backbone.device).type
+    for r in range(min(cfg.train.rounds, 2)):  # round 0 and the self-training overlay
+        try:
+            train.detectron_cfg(cfg.train, r, Path("."), "", device)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise RunError(f"config key 'train.opts' or 'train.schedule': detectron2 refuses it: {e}") from e
+
+
+def initial_weights(cfg: Config, round_dir: Path) -> str:
+    """Round 0 starts from the converted DINO ResNet-50 when configured, else from random weights."""
+    if not cfg.train.init:
+        return ""
+    source = resolve(cfg.train.init)
+    if not source.is_file():
+        raise RunError(f"config key 'train.init': no such file '{source}'")
+    target = round_dir / "init_resnet50_d2.pth"
+    if not target.exists():
+        buf = io.BytesIO()
+        torch.save({"model": train.convert_resnet50(source), "matching_heuristics": False}, buf)
+        atomic_write_bytes(target, buf.getvalue())
+    return str(target)
+
+
+def run(cfg: Config) -> Path:
+    """Train every round of ``cfg.train.rounds`` that is not finished; returns the last round's directory."""
+    cfg = resolve_backbone(cfg)
+    check_train_config(cfg)
+    labels0 = pseudolabels.run(cfg)  # round 0's labels (a no-op when that run is already complete)
+    records = list_images(cfg.dataset)
+    dataset_files = {r.file_name for r in records}
+    root = RunDir.for_config(cfg, "selftrain").path
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root / "config.yaml")
+    image_root = str(resolve(cfg.dataset.root))
+    for r in range(cfg.train.rounds):
+        round_dir = root / f"round{r}"
+        if (round_dir / SUMMARY).exists():
+            print(f"round {r}: already trained ({round_dir})", file=sys.stderr)
+            continue
+        round_dir.mkdir(exist_ok=True)
+        stats = {}
+        if not (round_dir / LABELS).exists():
+            if r == 0:
+                write_coco(round_dir / LABELS, read_json(labels0))
+            else:
+                previous = root / f"round{r - 1}"
+                preds = predict(previous, records, round_dir / "relabel", cfg.train.detections_per_image, cfg)
+                labels, stats = relabel(
+                    read_json(previous / LABELS), preds, cfg.train.thresh(r), cfg.train.merge_iou
+                )
+                write_coco(round_dir / LABELS, labels)
+                atomic_write_json(round_dir / "relabel.json", stats)
+        stats = stats or (
+            read_json(round_dir / "relabel.json") if (round_dir / "relabel.json").exists() else {}
+        )
+        n_labels = len(train.check_labels(round_dir / LABELS, image_root, dataset_files)["annotations"])
+        weights = initial_weights(cfg, round_dir) if r == 0 else str(root / f"round{r - 1}" / det.WEIGHTS)
+        train_round(cfg, r, round_dir, weights, f"selftrain-{root.name}-round{r}")
+        summary = {"round": r, "labels_in": n_labels, **stats}
+        if has_ground_truth(cfg):
+            summary.update(evaluate_detector(round_dir, cfg))
+        _write_metadata(cfg, r, round_dir)
+        atomic_write_json(round_dir / SUMMARY, summary)
+        print(_summary_line(summary), file=sys.stderr)
+    return root / f"round{cfg.train.rounds - 1}"
+
+
+def has_ground_truth(cfg: Config) -> bool:
+    """Whether rounds can report AP: a dataset with annotations (used only for evaluation)."""
+    return cfg.dataset.kind != "imagefolder" and bool(
+        (ground_truth_coco(cfg.dataset) or {}).get("annotations")
+    )
+
+
+def _write_metadata(cfg: Config, r: int, round_dir: Path) -> None:
+    atomic_write_json(
+        round_dir / det.METADATA,
+        {
+            "dataset": cfg.dataset.name,
+            "method": cfg.method.name,
+            "backbone": cfg.backbone.arch,
+            "model": cfg.train.model,
+            "round": r,
+            "commit": git_commit(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        },
+    )
+
+
+def _summary_line(s: dict) -> str:
+    line = f"round {s['round']}: trained on {s['labels_in']} labels"
+    if "predictions_kept" in s:
+        kept, old = s["predictions_kept"], s["previous_kept"]
+        line += f" ({kept} predictions >= {s['threshold']}, {old} kept from before)"
+    if "ap" in s:
+        ap = s["ap"]
+        line += f"; box AP {100 * ap['bbox']['AP']:.1f} AP50 {100 * ap['bbox']['AP50']:.1f}"
+        if "segm" in ap:
+            line += f", mask AP {100 * ap['segm']['AP']:.1f}"
+        line += f"; CorLoc {100 * s['corloc']['corloc']:.1f}%"
+    return line
