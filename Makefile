@@ -7,14 +7,20 @@ DATASET ?= demo
 METHOD ?= maskcut
 DATA ?=
 BACKBONE ?=
+ROUNDS ?=
+MODEL ?=
 ARGS ?=
-# DATA= and BACKBONE= are shorthands for config overrides; ARGS takes any key=value overrides.
-OVERRIDES = $(if $(DATA),dataset.root=$(abspath $(DATA))) $(if $(BACKBONE),backbone.arch=$(BACKBONE)) $(ARGS)
+# The demo trains with the tiny CPU schedule (configs/presets/cpu-tiny.yaml); real datasets with the reference.
+PRESET ?= $(if $(filter demo demo-video,$(DATASET)),cpu-tiny)
+# DATA=, BACKBONE= and ROUNDS= are shorthands for config overrides; ARGS takes any key=value overrides.
+OVERRIDES = $(if $(DATA),dataset.root=$(abspath $(DATA))) $(if $(BACKBONE),backbone.arch=$(BACKBONE)) \
+	$(if $(ROUNDS),train.rounds=$(ROUNDS)) $(ARGS)
+SELECT = --dataset $(DATASET) --method $(METHOD) $(if $(PRESET),--preset $(PRESET))
 # The demo dataset is assembled from packages on first use.
-DATA_DEPS = $(if $(filter demo,$(DATASET)),data/demo/annotations.json)
+DATA_DEPS = $(if $(filter demo demo-video,$(DATASET)),data/demo/annotations.json)
 RUN = HF_HUB_OFFLINE=1 $(PY) -m pipeline
 
-.PHONY: install demo-data pseudolabels eval-corloc test lint bench
+.PHONY: install demo-data pseudolabels eval-corloc selftrain eval train-correlator test lint bench
 
 install: $(STAMP)
 
@@ -37,10 +43,19 @@ data/demo/annotations.json: pipeline/demo_data.py | $(STAMP)
 	$(PY) -m pipeline.demo_data --out data
 
 pseudolabels: $(STAMP) $(DATA_DEPS)
-	$(RUN) pseudolabels --dataset $(DATASET) --method $(METHOD) $(OVERRIDES)
+	$(RUN) pseudolabels $(SELECT) $(OVERRIDES)
 
 eval-corloc: $(STAMP) $(DATA_DEPS)
-	$(RUN) eval-corloc --dataset $(DATASET) --method $(METHOD) $(OVERRIDES)
+	$(RUN) eval-corloc $(SELECT) $(OVERRIDES)
+
+selftrain: $(STAMP) $(DATA_DEPS)
+	$(RUN) selftrain $(SELECT) $(OVERRIDES)
+
+train-correlator: $(STAMP) $(DATA_DEPS)
+	$(RUN) train-correlator $(SELECT) $(OVERRIDES)
+
+eval: $(STAMP) $(DATA_DEPS)
+	$(RUN) eval $(SELECT) $(if $(MODEL),--model $(abspath $(MODEL))) $(OVERRIDES)
 
 test: $(STAMP) data/demo/annotations.json
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -34,9 +34,23 @@ def _eval_corloc(cfg) -> None:
 def _eval(cfg, model: str | None) -> None:
     from pipeline.evaluate import evaluate_detector, format_detector_metrics
 
-    if not model:
-        raise RunError("give the detector directory to evaluate: make eval MODEL=runs/selftrain/.../round2")
-    print(format_detector_metrics(evaluate_detector(Path(model), cfg)))
+    if model:
+        print(format_detector_metrics(evaluate_detector(Path(model), cfg)))
+    elif cfg.method.name == "ba":
+        from pipeline.video import evaluate
+
+        evaluate(cfg)
+    else:
+        raise RunError(
+            "give the detector directory to evaluate (make eval MODEL=runs/selftrain/.../round2), use "
+            "METHOD=ba for video metrics, or make eval-corloc for a pseudo-label run"
+        )
+
+
+def _train_correlator(cfg) -> None:
+    from pipeline.video import train_correlator
+
+    print(train_correlator(cfg))
 
 
 def _selftrain(cfg) -> None:
@@ -49,7 +63,8 @@ COMMANDS = {
     "pseudolabels": (_pseudolabels, "discover objects and write a COCO pseudo-label file"),
     "eval-corloc": (_eval_corloc, "CorLoc of a pseudo-label run against the dataset's ground truth"),
     "selftrain": (_selftrain, "train a detector on the pseudo-labels, then self-train round after round"),
-    "eval": (_eval, "class-agnostic COCO AP/AR and CorLoc of a detector directory (--model)"),
+    "eval": (_eval, "detector AP/AR and CorLoc (--model), or video J&F, FG-ARI and mIoU (--method ba)"),
+    "train-correlator": (_train_correlator, "train BA's temporal correlator on a video dataset"),
 }
 
 

@@ -132,7 +132,33 @@ class LostConfig:
             _positive(f"{key}.resize", self.resize)
 
 
-MethodConfig = MaskCutConfig | TokenCutConfig | LostConfig
+@dataclass(frozen=True)
+class BAConfig:
+    """BA video discovery: spatio-temporal attention clustered into object tracks (SPEC "BA")."""
+
+    name: Literal["ba"]
+    reference_backbone: str
+    size: list[int]  # [height, width] frames are resized to (each rounded to a multiple of the patch)
+    key_ratio: float  # keys from every round(1 / key_ratio)-th frame
+    tau: float  # symmetric-KL absorption threshold (1.0; 1.6 merges all foreground)
+    max_rounds: int  # absorption rounds at most (the loop stops when the cluster count stops changing)
+    window: int  # frames per attention chunk and first clustering round: bounds memory on long videos
+    background: Literal["border", "largest"]  # which cluster is the background
+
+    def validate(self, key: str) -> None:
+        if len(self.size) != 2 or min(self.size) <= 0:
+            _fail(f"{key}.size", f"expected [height, width] > 0, got {self.size}")
+        if not 0 < self.key_ratio <= 1:
+            _fail(f"{key}.key_ratio", f"must be in (0, 1], got {self.key_ratio}")
+        for name in ("tau", "max_rounds", "window"):
+            _positive(f"{key}.{name}", getattr(self, name))
+
+    @property
+    def key_stride(self) -> int:
+        return max(1, round(1 / self.key_ratio))
+
+
+MethodConfig = MaskCutConfig | TokenCutConfig | LostConfig | BAConfig
 
 
 @dataclass(frozen=True)
@@ -182,15 +208,17 @@ class RefineConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str
-    kind: Literal["imagefolder", "coco", "voc", "coco20k"]
-    root: str | None  # image root; relative paths are relative to the repository
-    annotations: str | None  # COCO instances json (coco, coco20k)
-    split: str | None  # VOC: ImageSets/Main/<split>.txt; COCO20k: the file list
+    kind: Literal["imagefolder", "coco", "voc", "coco20k", "framefolders", "davis", "ytvis"]
+    root: str | None  # image (or video) root; relative paths are relative to the repository
+    annotations: str | None  # COCO instances json (coco, coco20k); YouTube-VIS json (ytvis)
+    split: (
+        str | None
+    )  # VOC: ImageSets/Main/<split>.txt; COCO20k: the file list; DAVIS: ImageSets/2017/<split>
 
     def validate(self, key: str) -> None:
         if not self.root:
             _fail(f"{key}.root", f"dataset '{self.name}' needs its image root (make ... DATA=/path)")
-        if self.kind in ("coco", "coco20k") and not self.annotations:
+        if self.kind in ("coco", "coco20k", "ytvis") and not self.annotations:
             _fail(f"{key}.annotations", f"a {self.kind} dataset needs its instances json")
         if self.kind in ("voc", "coco20k") and not self.split:
             _fail(f"{key}.split", f"a {self.kind} dataset needs its image list")
@@ -253,6 +281,48 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CorrelatorConfig:
+    """BA's temporal correlator: its shape, and how it is trained on unlabeled clips (SPEC "BA")."""
+
+    checkpoint: str | None  # a trained correlator; None = the one trained on this dataset, if any
+    heads: int
+    mlp_ratio: float
+    clip_len: int  # T frames per training clip (also the number of temporal embeddings)
+    stride: int  # frame gap inside a clip (shorter videos use the largest gap that fits)
+    size: list[int]  # [height, width] of the training crops
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    num_pos: int  # most attended positions per frame (positives)
+    num_neg: int  # least attended positions per frame (negatives)
+    semantic_margin: float
+    motion_margin: float
+    crop_scale: list[float]  # random resized crop: area fraction range
+    crop_ratio: list[float]  # and aspect ratio range
+    flip_prob: float
+    checkpoint_every: int
+
+    def validate(self, key: str) -> None:
+        for name in (
+            "heads",
+            "mlp_ratio",
+            "clip_len",
+            "stride",
+            "steps",
+            "batch_size",
+            "lr",
+            "num_pos",
+            "num_neg",
+            "checkpoint_every",
+        ):
+            _positive(f"{key}.{name}", getattr(self, name))
+        for name in ("size", "crop_scale", "crop_ratio"):
+            if len(getattr(self, name)) != 2:
+                _fail(f"{key}.{name}", f"expected two values, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Config:
     dataset: DatasetConfig
     backbone: BackboneConfig
@@ -260,6 +330,7 @@ class Config:
     refine: RefineConfig
     run: RunConfig
     train: TrainConfig
+    correlator: CorrelatorConfig
     seed: int = field(default=0)
 
     def validate(self) -> None:

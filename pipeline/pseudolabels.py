@@ -36,6 +36,10 @@ def make_worker(cfg: Config, run_dir: RunDir, overlay_ids: frozenset[int]):
 
 def run(cfg: Config) -> Path:
     """Produce (or finish) the pseudo-label file of ``cfg``; returns its path. Finished shards are kept."""
+    if cfg.method.name == "ba":  # video discovery: tracks per video, also written as per-frame COCO
+        from pipeline import video
+
+        return video.run(cfg)
     cfg = resolve_backbone(cfg)
     records = list_images(cfg.dataset)
     if not records:

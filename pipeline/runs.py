@@ -13,11 +13,21 @@ from stages.backbone import ARCHS, WeightsError, find_weights, missing_weights_m
 from stages.datasets import ImageRecord, resolve
 from stages.io import atomic_write_json, read_json
 
-# The config sections that shape each stage's outputs.
-STAGE_SECTIONS = {
-    "pseudolabels": ("seed", "dataset", "backbone", "method", "refine", "run"),
-    "selftrain": ("seed", "dataset", "backbone", "method", "refine", "run", "train"),
-}
+# The config sections that shape each stage's outputs: image labels, video (BA) labels, the detector
+# trained on either, and BA's correlator.
+IMAGE_LABELS = ("seed", "dataset", "backbone", "method", "refine", "run")
+VIDEO_LABELS = ("seed", "dataset", "backbone", "method", "correlator")
+
+
+def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
+    labels = VIDEO_LABELS if cfg.method.name == "ba" else IMAGE_LABELS
+    return {
+        "pseudolabels": labels,
+        "selftrain": (*labels, "train"),
+        "correlator": VIDEO_LABELS[:3] + ("correlator",),
+    }[stage]
+
+
 # Keys that change how a run executes, not what it produces: they stay out of the run directory's hash.
 EXECUTION_KEYS = (
     "backbone.device",
@@ -30,6 +40,8 @@ EXECUTION_KEYS = (
     "run.overlays",
     "train.rounds",  # more rounds extend a run; earlier rounds stay valid
     "train.num_gpus",
+    "correlator.steps",  # more steps extend a training run
+    "correlator.checkpoint_every",
 )
 
 
@@ -66,7 +78,9 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: Config, stage: str) -> RunDir:
-        name = f"{cfg.dataset.name}-{cfg.method.name}-{cfg.digest(STAGE_SECTIONS[stage], EXECUTION_KEYS)}"
+        digest = cfg.digest(stage_sections(cfg, stage), EXECUTION_KEYS)
+        method = "correlator" if stage == "correlator" else cfg.method.name
+        name = f"{cfg.dataset.name}-{method}-{digest}"
         return cls(resolve(cfg.run.out_dir) / stage / name)
 
     @property

@@ -25,6 +25,7 @@ Differences from the BA public code, on purpose:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -86,17 +87,32 @@ def _merge(
     return summed / total.unsqueeze(1), total
 
 
-def _first_round(attn: torch.Tensor, tau: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absorption on consecutive blocks of ``block`` rows, each on its own -> centroids and member counts,
-    in block order (so the leaders stay in global row order)."""
+def first_round(blocks: Iterable[torch.Tensor], tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorption on each block of rows on its own -> centroids and member counts, in block order (so the
+    leaders stay in global row order). Blocks can be produced lazily: only one exists at a time."""
     centroids, counts = [], []
-    for start in range(0, attn.shape[0], block):
-        rows = attn[start : start + block]
+    for rows in blocks:
+        rows = _normalised(rows)
         group = _greedy_absorb(symmetric_kl(rows, rows), tau)
         c, w = _merge(rows, torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device), group)
         centroids.append(c)
         counts.append(w)
     return torch.cat(centroids), torch.cat(counts)
+
+
+def merge_rounds(centroids: torch.Tensor, counts: torch.Tensor, tau: float, rounds: int) -> torch.Tensor:
+    """Further absorption rounds on the centroids until their count stops changing (at most ``rounds``)."""
+    for _ in range(rounds):
+        group = _greedy_absorb(symmetric_kl(centroids, centroids), tau)
+        if int(group.max()) + 1 == centroids.shape[0]:
+            break  # every leader absorbed only itself: nothing can change any more
+        centroids, counts = _merge(centroids, counts, group)
+    return centroids
+
+
+def _normalised(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows if rows.dtype == torch.float64 else rows.float()
+    return rows / rows.sum(dim=1, keepdim=True)
 
 
 def first_appearance_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -138,14 +154,10 @@ def cluster_attention(
         raise ValueError(f"attn must be a non-empty (N, K) matrix, got shape {tuple(attn.shape)}")
     if first_round_block is not None and first_round_block < 1:
         raise ValueError(f"first_round_block must be >= 1 or None, got {first_round_block}")
-    rows = attn if attn.dtype == torch.float64 else attn.float()
-    rows = rows / rows.sum(dim=1, keepdim=True)
-    centroids, counts = _first_round(rows, tau, first_round_block or rows.shape[0])
-    for _ in range(max_rounds - 1):
-        group = _greedy_absorb(symmetric_kl(centroids, centroids), tau)
-        if int(group.max()) + 1 == centroids.shape[0]:
-            break  # every leader absorbed only itself: nothing can change any more
-        centroids, counts = _merge(centroids, counts, group)
+    rows = _normalised(attn)
+    block = first_round_block or rows.shape[0]
+    centroids, counts = first_round((rows[s : s + block] for s in range(0, rows.shape[0], block)), tau)
+    centroids = merge_rounds(centroids, counts, tau, max_rounds - 1)
     return first_appearance_labels(nearest_centroid(rows, centroids, first_round_block))
 
 

@@ -45,6 +45,10 @@ def _existing(path: str, what: str, hint: str = "") -> Path:
 
 def list_images(cfg: DatasetConfig) -> list[ImageRecord]:
     """Every image of the dataset, in a stable order, with its id and root-relative file name."""
+    if cfg.kind in ("framefolders", "davis", "ytvis"):
+        from stages.videos import frame_records  # video frames as images (self-training on video labels)
+
+        return frame_records(cfg)
     hint = " (run `make demo-data`)" if cfg.name == "demo" else " (set DATA=/path or dataset.root=...)"
     root = _existing(cfg.root, f"image root of dataset '{cfg.name}'", hint)
     if cfg.kind == "imagefolder":

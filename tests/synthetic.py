@@ -53,3 +53,33 @@ def write_image_folder(root, n: int, size: tuple[int, int] = (96, 128)) -> list[
         Image.fromarray(object_image(*size, (20, 10 + 6 * i, 64, 60 + 6 * i), seed=i)).save(path)
         names.append(name)
     return names
+
+
+def write_davis_videos(
+    root, n_videos: int = 2, n_frames: int = 6, size: tuple[int, int] = (64, 96)
+) -> list[str]:
+    """Videos of two coloured squares moving over a dark noisy background, in DAVIS layout (JPEGImages/480p,
+    Annotations/480p palette PNGs with ids 1 and 2, ImageSets/2017/val.txt). Returns the video names."""
+    h, w = size
+    names = [f"video{v}" for v in range(n_videos)]
+    for v, name in enumerate(names):
+        rng = np.random.default_rng(v)
+        frames_dir = root / "JPEGImages" / "480p" / name
+        ann_dir = root / "Annotations" / "480p" / name
+        frames_dir.mkdir(parents=True)
+        ann_dir.mkdir(parents=True)
+        for t in range(n_frames):
+            img = np.full((h, w, 3), 30.0) + rng.normal(0, 4, (h, w, 3))
+            ids = np.zeros((h, w), np.uint8)
+            for k, (colour, y, x) in enumerate(
+                [((220, 40, 40), 8, 4 + 4 * t), ((40, 200, 60), 36, 70 - 4 * t)], 1
+            ):
+                img[y : y + 20, x : x + 20] = colour
+                ids[y : y + 20, x : x + 20] = k
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(frames_dir / f"{t:05d}.png")
+            label = Image.fromarray(ids, mode="P")
+            label.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+            label.save(ann_dir / f"{t:05d}.png")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
+    return names

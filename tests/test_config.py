@@ -65,13 +65,15 @@ def test_unknown_dataset_and_bad_override_syntax():
 
 
 def test_digest_ignores_execution_settings_only():
-    from pipeline.runs import EXECUTION_KEYS, STAGE_SECTIONS
+    from pipeline.runs import EXECUTION_KEYS, stage_sections
 
     def digest(cfg, stage="pseudolabels"):
-        return cfg.digest(STAGE_SECTIONS[stage], EXECUTION_KEYS)
+        return cfg.digest(stage_sections(cfg, stage), EXECUTION_KEYS)
 
     base = load_config()
-    same = load_config(overrides=["run.workers=7", "backbone.device=cpu", "train.merge_iou=0.4"])
+    same = load_config(
+        overrides=["run.workers=7", "backbone.device=cpu", "train.merge_iou=0.4", "correlator.lr=1"]
+    )
     other = load_config(overrides=["method.n_masks=2"])
     assert digest(base) == digest(same) != digest(other)  # training settings don't touch pseudo-labels
     assert digest(base, "selftrain") != digest(same, "selftrain")

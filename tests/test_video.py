@@ -1,0 +1,146 @@
+"""BA on videos: streamed clustering, video datasets, an end-to-end run with stable identities, correlator
+training that resumes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from pipeline import video
+from pipeline.config import load_config, replace
+from pipeline.pseudolabels import run as pseudolabels
+from stages.ba import ba_tracks
+from stages.ba_cluster import background_cluster, cluster_attention, instance_tracks
+from stages.backbone import Backbone
+from stages.datasets import list_images
+from stages.train import check_labels
+from stages.videos import list_videos, video_ground_truth
+from tests.synthetic import write_davis_videos
+
+
+def test_streamed_clustering_equals_the_blockwise_algorithm():
+    # Attention rows from 4 distinct distributions, in 5 frames of 3x4 patches; windows of 2 frames.
+    gen = torch.Generator().manual_seed(0)
+    groups = torch.softmax(4 * torch.randn(4, 24, generator=gen), dim=1)
+    assign = torch.randint(0, 4, (60,), generator=gen)
+    attn = groups[assign] + 0.002 * torch.rand(60, 24, generator=gen)
+    attn = attn / attn.sum(1, keepdim=True)
+    cfg = load_config(
+        "demo-video", "ba", ["method.window=2", "method.tau=1.0", "method.max_rounds=50"]
+    ).method
+    n = 12
+    streamed = ba_tracks(lambda frames: attn[frames[0] * n : (frames[-1] + 1) * n], 5, (3, 4), cfg)
+    labels = cluster_attention(attn, 1.0, 50, first_round_block=2 * n).reshape(5, 3, 4)
+    reference = instance_tracks(labels, background_cluster(labels, "border"))
+    assert torch.equal(streamed, reference)
+    assert len(torch.unique(streamed)) > 1
+
+
+def test_frame_folders_sort_numerically_and_davis_void_is_background(tmp_path):
+    for name in ("frame10.jpg", "frame2.jpg", "frame1.jpg"):
+        (tmp_path / "clip").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "clip" / name)
+    cfg = load_config("videofolder", "ba", [f"dataset.root={tmp_path}"]).dataset
+    (clip,) = list_videos(cfg)
+    assert clip.frames == ("clip/frame1.jpg", "clip/frame2.jpg", "clip/frame10.jpg")
+    assert [r.file_name for r in list_images(cfg)] == list(clip.frames)  # frames double as images
+
+    root = tmp_path / "davis"
+    write_davis_videos(root, n_videos=1, n_frames=2)
+    ann = root / "Annotations" / "480p" / "video0" / "00000.png"
+    ids = np.array(Image.open(ann))
+    ids[0, :5] = 255  # DAVIS marks void pixels 255
+    label = Image.fromarray(ids, mode="P")
+    label.putpalette(Image.open(ann).getpalette())
+    label.save(ann)
+    davis = load_config("davis17", "ba", [f"dataset.root={root}"]).dataset
+    gt = video_ground_truth(davis, list_videos(davis)[0])
+    assert gt.shape == (2, 64, 96) and set(np.unique(gt)) == {0, 1, 2}
+
+
+@pytest.fixture(scope="module")
+def similarity_vit(tmp_path_factory):
+    """A toy checkpoint whose last block attends by token similarity (keys = queries, scaled up): random
+    weights alone give uniform attention, in which nothing can be told apart."""
+    backbone = Backbone("test_vit_tiny", None, "cpu", random_init=True)
+    qkv = backbone.model.blocks[-1].attn.qkv.weight.data
+    c = qkv.shape[1]
+    qkv[:c] *= 8
+    qkv[c : 2 * c] = qkv[:c]
+    path = tmp_path_factory.mktemp("weights") / "similarity_vit.pth"
+    torch.save(backbone.model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("davis")
+    write_davis_videos(root, n_videos=2, n_frames=6)
+    return root
+
+
+def ba_config(videos, out, weights, extra=()):
+    overrides = [
+        f"dataset.root={videos}",
+        f"run.out_dir={out}",
+        "backbone.arch=test_vit_tiny",
+        f"backbone.weights={weights}",
+        "method.size=[64, 96]",
+        "run.workers=2",
+        *extra,
+    ]
+    return load_config("davis17", "ba", overrides)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_ba_run_writes_tracks_with_stable_identities(videos, similarity_vit, tmp_path):
+    cfg = ba_config(videos, tmp_path, similarity_vit)
+    labels = pseudolabels(cfg)
+    run_dir = labels.parent
+    coco = COCO(str(labels))
+    assert len(coco.getImgIds()) == 12 and coco.getAnnIds()
+    tracks = json.loads((run_dir / "ytvis.json").read_text())
+    assert {v["name"] for v in tracks["videos"]} == {"video0", "video1"}
+    for track in tracks["annotations"]:
+        assert len(track["segmentations"]) == 6
+    for v in list_videos(cfg.dataset):
+        gt = video_ground_truth(cfg.dataset, v)
+        pred = video.predicted_ids(tracks, v.id, gt.shape)
+        for obj in (1, 2):  # the same track covers each object in every frame
+            owners = {np.bincount(pred[t][gt[t] == obj]).argmax() for t in range(len(gt))}
+            assert len(owners) == 1 and owners != {0}
+    assert len(list((run_dir / "overlays").glob("*.gif"))) == 2
+    metrics = video.evaluate(cfg)
+    assert 0.3 < metrics["J&F"] <= 1 and 0 < metrics["FG-ARI"] <= 1
+    # The per-frame COCO is a valid training set for the detector (frames as images).
+    check_labels(labels, str(videos), {r.file_name for r in list_images(cfg.dataset)})
+    mtimes = [p.stat().st_mtime_ns for p in run_dir.glob("shards/*.json")]
+    assert pseudolabels(cfg) == labels
+    assert [p.stat().st_mtime_ns for p in run_dir.glob("shards/*.json")] == mtimes
+
+
+def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tmp_path):
+    tiny = [
+        "correlator.size=[32, 48]",
+        "correlator.batch_size=1",
+        "correlator.stride=1",
+        "correlator.checkpoint_every=1",
+        "correlator.num_pos=2",
+        "correlator.num_neg=4",
+    ]
+    cfg = ba_config(videos, tmp_path, similarity_vit, [*tiny, "correlator.steps=2"])
+    path = video.train_correlator(cfg)
+    first = torch.load(path, weights_only=True)
+    assert first["step"] == 2
+    longer = replace(cfg, **{"correlator.steps": 3})
+    assert video.train_correlator(longer) == path  # same run directory: steps are not in its hash
+    second = torch.load(path, weights_only=True)
+    assert second["step"] == 3
+    assert any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    # BA now finds and uses this correlator for the dataset.
+    assert video.resolve_correlator(cfg).correlator.checkpoint == str(path)
+    assert Path(path).parent.name.startswith("davis17-correlator-")
