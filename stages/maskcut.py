@@ -6,21 +6,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from stages.ncut import binary_affinity, bipartition, corner_count, fiedler_vector, seed_component, unit_keys
+from stages.ncut import (
+    binary_affinity,
+    bipartition,
+    corner_count,
+    fiedler_vector,
+    isolate_nodes,
+    seed_component,
+    unit_keys,
+)
+from stages.refine import mask_iou
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def cut_once(feats: torch.Tensor, grid: tuple[int, int], tau: float, eps: float, solver: str) -> np.ndarray:
-    """One MaskCut cut of (n, d) unit/zero rows -> (h, w) bool mask of the seed's component.
+def cut_once(affinity: torch.Tensor, grid: tuple[int, int], solver: str) -> np.ndarray:
+    """One MaskCut cut of an (n, n) patch graph -> (h, w) bool mask of the seed's component.
 
     The object side is the seed's (argmax |v|) unless 3 or more grid corners are foreground (the
     object-centric prior); after a flip the seed moves to argmax(-v).
     """
-    vec = fiedler_vector(binary_affinity(feats, tau, eps), solver)
+    vec = fiedler_vector(affinity, solver)
     foreground = bipartition(vec)
     seed = int(vec.abs().argmax())
     if corner_count(foreground.reshape(grid)) >= 3 or not foreground[seed]:
@@ -42,7 +46,8 @@ def maskcut(
 ) -> list[np.ndarray]:
     """Keys (h*w, d) of one image -> up to ``n_masks`` disjoint (h, w) bool masks, in discovery order.
 
-    After each cut the mask's patches get zero features, so they become eps-only nodes of the next graph.
+    After each cut the mask's patches get zero features, so they become eps-only nodes of the next graph
+    (the graph is built once and those nodes are isolated in place: the same graph, bit for bit).
     A later mask is discarded when its IoU with the previous mask is above ``max_overlap`` or it covers at
     most ``min_area`` of the grid. Differs from the reference: a discard ends the loop. The graph is
     unchanged after a discard, so every later cut would repeat it (the reference keeps cutting, and can
@@ -50,14 +55,13 @@ def maskcut(
     Masks are returned disjoint, later minus earlier; a mask left empty by that (a cut that repeated an
     earlier, not the previous, mask) is dropped.
     """
-    feats = unit_keys(keys, center)
-    taken = torch.zeros(feats.shape[0], dtype=torch.bool, device=feats.device)
+    affinity = binary_affinity(unit_keys(keys, center), tau, eps)
     masks: list[np.ndarray] = []
     for _ in range(n_masks):
-        mask = cut_once(feats.masked_fill(taken[:, None], 0.0), grid, tau, eps, solver)
+        mask = cut_once(affinity, grid, solver)
         if masks and (mask_iou(mask, masks[-1]) > max_overlap or mask.mean() <= min_area):
             break
         masks.append(mask)
-        taken |= torch.from_numpy(mask.reshape(-1)).to(taken.device)
+        isolate_nodes(affinity, torch.from_numpy(mask.reshape(-1)).to(affinity.device), tau, eps)
     disjoint = [m & ~np.any(masks[:i], axis=0) if i else m for i, m in enumerate(masks)]
     return [m for m in disjoint if m.any()]

@@ -6,28 +6,23 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.bench_ncut import planted_keys as bench_planted_keys
+
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 on the patch grid (end exclusive)
 
 
 def planted_keys(
     grid: tuple[int, int], boxes: list[Box], noise: float = 0.3, dim: int = 64, seed: int = 0
 ) -> tuple[torch.Tensor, list[np.ndarray]]:
-    """Keys (h*w, dim): background patches share one direction b, object patches o - 0.5 b (so they
-    anti-correlate with the background, as DINO keys do), plus Gaussian noise. Returns the keys and the
-    (h, w) bool truth mask of each box."""
-    g = torch.Generator().manual_seed(seed)
-    h, w = grid
-    basis = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
-    bg, obj = basis[0], basis[1] - 0.5 * basis[0]
-    keys = bg.repeat(h, w, 1)
+    """The benchmark's planted keys with every object in one direction (scaled by 5, as raw keys are not
+    unit length), and the (h, w) bool truth mask of each box."""
+    keys = bench_planted_keys(grid, boxes, noise, dim, np.random.default_rng(seed), shared=True)
     truth = []
     for y0, x0, y1, x1 in boxes:
-        keys[y0:y1, x0:x1] = obj
         mask = np.zeros(grid, bool)
         mask[y0:y1, x0:x1] = True
         truth.append(mask)
-    keys = keys + noise * torch.randn(h, w, dim, generator=g) / dim**0.5
-    return 5 * keys.reshape(h * w, dim), truth
+    return 5 * keys, truth
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
