@@ -6,7 +6,7 @@ import functools
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.ray_runner import default_workers, ensure_ray, run_shards
+from pipeline.ray_runner import run_configured
 from pipeline.runs import RunError, shard_records
 from stages import detector as det
 from stages.backbone import resolve_device
@@ -25,11 +25,9 @@ def predict(model_dir: Path, records: list[ImageRecord], out_dir: Path, max_dets
     Shards are kept in ``out_dir``: an interrupted pass resumes."""
     shards = shard_records(records, cfg.run.shard_size)
     use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
-    ensure_ray(cfg.run.ray_address, cfg.run.object_store_mb)
     factory = functools.partial(make_detection_worker, model_dir, cfg.backbone.device, max_dets, out_dir)
     shard_file = lambda i: out_dir / f"shard-{i:05d}.json"  # noqa: E731
-    workers = cfg.run.workers or default_workers(cfg.run.threads_per_worker, use_gpu)
-    report = run_shards(factory, shards, shard_file, workers, cfg.run.threads_per_worker, use_gpu, "detect")
+    report = run_configured(cfg.run, use_gpu, factory, shards, shard_file, "detect")
     if report.failed:
         raise RunError(f"{len(report.failed)} inference shards failed (re-run to retry): {report.failed}")
     merged = {"images": [], "annotations": [], "failures": []}

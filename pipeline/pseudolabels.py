@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.ray_runner import default_workers, ensure_ray, run_shards
+from pipeline.ray_runner import run_configured
 from pipeline.runs import RunDir, RunError, resolve_backbone, shard_records, write_jsonl
 from stages.backbone import Backbone, resolve_device
 from stages.datasets import ImageRecord, list_images
@@ -56,19 +56,9 @@ def run(cfg: Config) -> Path:
     missing = len(shards) - len(run_dir.finished_shards() & set(range(len(shards))))
     if missing:
         use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
-        ensure_ray(cfg.run.ray_address, cfg.run.object_store_mb)
-        workers = cfg.run.workers or default_workers(cfg.run.threads_per_worker, use_gpu)
         overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
         factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
-        report = run_shards(
-            factory,
-            shards,
-            run_dir.shard_file,
-            workers,
-            cfg.run.threads_per_worker,
-            use_gpu,
-            desc=cfg.method.name,
-        )
+        report = run_configured(cfg.run, use_gpu, factory, shards, run_dir.shard_file, cfg.method.name)
         if report.failed:
             raise RunError(
                 f"{len(report.failed)} of {len(shards)} shards failed ({report.done} finished now, kept in "

@@ -17,6 +17,8 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from pipeline.config import RunConfig
+
 Worker = Callable[[int, list], dict]
 
 
@@ -53,6 +55,21 @@ def default_workers(threads_per_worker: int, use_gpu: bool) -> int:
     if use_gpu:
         return max(1, int(resources.get("GPU", 0)))
     return max(1, int(resources.get("CPU", 1)) // threads_per_worker)
+
+
+def run_configured(
+    run: RunConfig,
+    use_gpu: bool,
+    factory: Callable[[], Worker],
+    shards: list[list],
+    shard_file: Callable[[int], Path],
+    desc: str,
+    size: Callable[[Any], int] = lambda item: 1,
+) -> ShardReport:
+    """``run_shards`` on the Ray cluster and worker count that the run config asks for."""
+    ensure_ray(run.ray_address, run.object_store_mb)
+    workers = run.workers or default_workers(run.threads_per_worker, use_gpu)
+    return run_shards(factory, shards, shard_file, workers, run.threads_per_worker, use_gpu, desc, size)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import Config, replace
-from pipeline.ray_runner import default_workers, ensure_ray, run_shards
+from pipeline.ray_runner import run_configured
 from pipeline.runs import RunDir, RunError, resolve_backbone, write_jsonl
 from stages import correlator as corr
 from stages.ba import VideoDiscoverer, frame_input_size, load_correlator, run_video
@@ -167,20 +167,10 @@ def run(cfg: Config) -> Path:
     shards = [[v] for v in videos]
     if len(run_dir.finished_shards() & set(range(len(shards)))) < len(shards):
         use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
-        ensure_ray(cfg.run.ray_address, cfg.run.object_store_mb)
-        workers = cfg.run.workers or default_workers(cfg.run.threads_per_worker, use_gpu)
         overlay_ids = frozenset(v.id for v in videos[: cfg.run.overlays])
         factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
-        report = run_shards(
-            factory,
-            shards,
-            run_dir.shard_file,
-            workers,
-            cfg.run.threads_per_worker,
-            use_gpu,
-            desc="ba",
-            size=lambda v: len(v.frames),
-        )
+        size = lambda v: len(v.frames)  # noqa: E731
+        report = run_configured(cfg.run, use_gpu, factory, shards, run_dir.shard_file, "ba", size)
         if report.failed:
             raise RunError(
                 f"{len(report.failed)} videos failed (finished ones are kept; re-run to retry): "

@@ -14,3 +14,15 @@ def ray_local():
     ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: extra intra-op threads only add contention (x100 slower on a busy
+    2-core machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -33,13 +33,7 @@ DIM, HEADS, FRAMES, GRID = 48, 8, 3, (4, 6)
 N_PATCH = GRID[0] * GRID[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: extra intra-op threads only add contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int, heads: int = HEADS, std: float = 0.3) -> TemporalCorrelator:
