@@ -1,0 +1,315 @@
+"""`make bench`: throughput and peak memory of each stage on fixed synthetic workloads, with the reference
+formulation beside it as a ratio. Not a test: it prints numbers for the README's performance section.
+
+Sections (``python -m pipeline.bench [section ...]``; all by default):
+  discovery  MaskCut (N=3, 60x60 patches, ViT-B/8 keys) and TokenCut (30x40, ViT-S/16 keys): fast vs
+             dense eigensolver, and the 200-graph parity report
+  stages     MaskCut end to end at ViT-B/8 480x480 (random weights): backbone (lean vs full forward),
+             discovery, CRF, export; end to end vs the backbone alone
+  ray        discovery on precomputed features with 1 and 2 Ray workers
+  detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
+Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import queue as queues
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, reps: int = 1) -> float:
+    """Shortest wall time of ``reps`` calls after a warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections: each returns lines to print
+
+
+def discovery() -> list[str]:
+    from pipeline.bench_ncut import parity_report, time_discovery
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = []
+    for method, grid, dim, dense_reps, fast_reps in (
+        ("maskcut", (60, 60), 768, 1, 5),
+        ("tokencut", (30, 40), 384, 3, 20),
+        ("tokencut", (60, 60), 384, 1, 5),
+    ):
+        r = time_discovery(method, grid, dim, dense_reps, fast_reps, device)
+        lines.append(
+            f"{method:8s} {grid[0]}x{grid[1]} d={dim}: dense {r['dense_s']:.3f} s/img, "
+            f"fast {r['fast_s']:.4f} s/img -> {r['speedup']:.0f}x ({1 / r['fast_s']:.1f} img/s); "
+            f"eigensolve {r['dense_solve_s']:.3f} s vs {1000 * r['fast_solve_s']:.1f} ms "
+            f"({r['solve_speedup']:.0f}x); graph {1000 * r['affinity_s']:.0f} ms; "
+            f"same masks: {r['same_masks']}"
+        )
+    p = parity_report(200)
+    lines.append(
+        f"parity on {p['graphs']} graphs: bipartition IoU >= 0.99 on {100 * p['same_bipartition']:.1f}% of "
+        f"all; on {100 * p['regular_same_bipartition']:.1f}% of the {p['regular']} with a unique answer "
+        f"(lambda3 - lambda2 >= 1e-8); {p['near_degenerate']} without one: the fast answer is a valid "
+        f"eigenvector in {p['near_degenerate_valid']}; float64 retries {p['float64_pass']}; "
+        f"Lanczos steps median {p['steps_median']:.0f}, max {p['steps_max']}"
+    )
+    return lines
+
+
+def _workload(n: int, size: tuple[int, int] = (480, 640)) -> list[np.ndarray]:
+    """Fixed synthetic photos: textured background and three coloured shapes."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(n):
+        yy, xx = np.mgrid[: size[0], : size[1]]
+        img = 90 + 30 * np.sin(xx / 23.0)[..., None] + rng.normal(0, 8, (*size, 3))
+        for colour, (y, x, r) in zip(
+            ((220, 60, 40), (40, 90, 220), (230, 220, 60)), rng.integers(60, 400, (3, 3)), strict=True
+        ):
+            img[(yy - y) ** 2 + (xx - x) ** 2 < (r // 3 + 30) ** 2] = colour
+        images.append(np.clip(img, 0, 255).astype(np.uint8))
+    return images
+
+
+def stages() -> list[str]:
+    from pipeline.config import load_config
+    from stages.backbone import Backbone, prepare_image
+    from stages.discover import Discoverer, find_objects, to_pixels
+    from stages.export import mask_annotation
+
+    cfg = load_config("demo", "maskcut", ["backbone.arch=dino_vitb8", "backbone.random_init=true"])
+    backbone = Backbone("dino_vitb8", None, cfg.backbone.device, random_init=True)
+    images = _workload(2)
+    x = torch.stack([prepare_image(im, 8, cfg.method.resize) for im in images[:1]])
+    lean = _timed(lambda: backbone(x))
+    with torch.inference_mode():
+        full = _timed(lambda: backbone.model.forward_features(x.to(backbone.device)))
+    keys = backbone(x).keys[0, 1:]
+    masks = find_objects(keys, (60, 60), cfg.method, "dino")
+    discover = _timed(lambda: find_objects(keys, (60, 60), cfg.method, "dino"), 3)
+    refine = _timed(lambda: to_pixels(images[0], masks, 8, cfg.method.resize, "crf", cfg.refine))
+    pixel_masks = to_pixels(images[0], masks, 8, cfg.method.resize, "none", cfg.refine).masks
+    export = _timed(lambda: [mask_annotation(m, 1) for m in pixel_masks], 3)
+    discoverer = Discoverer(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
+    end_to_end = _timed(lambda: discoverer(images[:1], 1))
+    return [
+        f"backbone ViT-B/8 480x480 (random weights): lean keys-only pass {lean:.2f} s/img "
+        f"({1 / lean:.2f} img/s) vs full forward {full:.2f} s ({full / lean:.2f}x)",
+        f"discovery MaskCut N=3 ({len(masks)} masks): {1000 * discover:.0f} ms/img "
+        f"({1 / discover:.1f} img/s)",
+        f"refinement dense CRF, {len(masks)} masks at 480x480: {refine:.2f} s/img ({1 / refine:.2f} img/s)",
+        f"export RLE annotations: {1000 * export:.1f} ms/img",
+        f"end to end per image {end_to_end:.2f} s = {end_to_end / lean:.2f}x the backbone pass alone "
+        f"(discovery alone: {(lean + discover) / lean:.2f}x)",
+    ]
+
+
+def _ray_work(path: str, index: int, items: list[int]) -> dict:
+    from pipeline.config import load_config
+    from stages.discover import find_objects
+
+    keys = torch.load(path, weights_only=True)
+    method = load_config("demo", "maskcut").method
+    start = time.time()
+    for i in items:
+        find_objects(keys[i], (60, 60), method, "dino")
+    return {"start": start, "end": time.time(), "images": len(items)}
+
+
+def _ray_factory(path: str):
+    import functools
+
+    return functools.partial(_ray_work, path)
+
+
+def ray_scaling() -> list[str]:
+    import functools
+
+    import ray
+
+    from pipeline.bench_ncut import planted_keys
+    from pipeline.ray_runner import run_shards
+
+    rng = np.random.default_rng(0)
+    keys = torch.stack(
+        [planted_keys((60, 60), [(5, 5, 20, 25), (30, 30, 50, 55)], 0.6, 768, rng) for _ in range(4)]
+    )
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=100 * 2**20)
+    time.sleep(5)  # let Ray's own daemons finish starting: they compete for the two cores at first
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "keys.pt")
+        torch.save(keys, path)
+        rates = {1: 0.0, 2: 0.0}
+        for attempt in range(2):  # interleaved, best of two: background noise hits both alike
+            for workers in (1, 2):
+                out = Path(tmp) / f"{attempt}-{workers}"
+                out.mkdir()
+                shards = [[i % 4] for i in range(32)]
+                report = run_shards(
+                    functools.partial(_ray_factory, path),
+                    shards,
+                    lambda i, out=out: out / f"{i}.json",
+                    workers,
+                    1,
+                    False,
+                    f"{workers} worker(s)",
+                )
+                stamps = report.summaries
+                wall = max(s["end"] for s in stamps) - min(s["start"] for s in stamps)
+                rates[workers] = max(rates[workers], len(shards) / wall)
+        lines.append(
+            f"discovery on precomputed features (MaskCut N=3, 60x60, 1 torch thread per worker): "
+            f"1 worker {rates[1]:.2f} img/s, 2 workers {rates[2]:.2f} img/s -> {rates[2] / rates[1]:.2f}x"
+        )
+    ray.shutdown()
+    return lines
+
+
+def detector() -> list[str]:
+    images = _workload(2)
+    return [
+        _time_detector(model, label, schedule, size, images)
+        for model in ("cascade_mask_rcnn_R_50_FPN", "mask_rcnn_R_50_FPN")
+        for label, schedule, size in (("tiny", ["tiny_cpu"], 224), ("reference", [], 800))
+    ]
+
+
+def _time_detector(model: str, label: str, schedule: list[str], size: int, images: list[np.ndarray]) -> str:
+    from detectron2.modeling import build_model
+
+    from pipeline.config import load_config
+    from stages.detector import Detector
+    from stages.train import detectron_cfg
+
+    train_cfg = load_config("demo", "maskcut", [f"train.model={model}", f"train.schedule={schedule}"]).train
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d2 = detectron_cfg(train_cfg, 0, Path(tempfile.mkdtemp()), "", device)
+    d2.INPUT.MIN_SIZE_TEST = size
+    batch = _training_batch(images, size, d2.SOLVER.IMS_PER_BATCH if label == "tiny" else 2)
+    net = build_model(d2)
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad()
+        sum(net(batch).values()).backward()
+        opt.step()
+
+    train_s = _timed(step, 2)
+    weights = Path(d2.OUTPUT_DIR) / "w.pth"
+    torch.save({"model": net.state_dict()}, weights)
+    d2.MODEL.WEIGHTS = str(weights)
+    det = Detector(d2)
+    infer_s = _timed(lambda: det(images[0]), 2)
+    return (
+        f"{model} {label} ({size} px short side, batch {len(batch)}): training {1 / train_s:.3f} it/s "
+        f"({train_s:.1f} s/it), inference {1 / infer_s:.2f} img/s"
+    )
+
+
+def _training_batch(images: list[np.ndarray], size: int, batch: int) -> list[dict]:
+    """detectron2 training inputs: images resized to ``size`` short side, two box+mask objects each."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from PIL import Image
+
+    out = []
+    for img in (images * batch)[:batch]:
+        h, w = img.shape[:2]
+        scale = size / min(h, w)
+        hh, ww = round(h * scale), round(w * scale)
+        resized = np.array(Image.fromarray(img).resize((ww, hh)))
+        masks = torch.zeros(2, hh, ww, dtype=torch.bool)
+        masks[0, hh // 8 : hh // 2, ww // 8 : ww // 2] = True
+        masks[1, hh // 2 : 7 * hh // 8, ww // 2 : 7 * ww // 8] = True
+        inst = Instances((hh, ww))
+        inst.gt_masks = BitMasks(masks)
+        inst.gt_boxes = Boxes(inst.gt_masks.get_bounding_boxes().tensor)
+        inst.gt_classes = torch.zeros(2, dtype=torch.long)
+        out.append(
+            {
+                "image": torch.from_numpy(resized).permute(2, 0, 1),
+                "instances": inst,
+                "height": hh,
+                "width": ww,
+            }
+        )
+    return out
+
+
+SECTIONS = {"discovery": discovery, "stages": stages, "ray": ray_scaling, "detector": detector}
+
+
+def _child(name: str, queue) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    start = time.perf_counter()
+    lines = SECTIONS[name]()
+    gpu = (
+        f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if torch.cuda.is_available() else ""
+    )
+    lines.append(f"[{name}: {time.perf_counter() - start:.0f} s, peak RSS {_peak_rss_mb():.0f} MB{gpu}]")
+    queue.put(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    names = (argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    print(f"machine: {machine()}", flush=True)
+    from pipeline import bench  # by module name, not __main__: spawned children import it again
+
+    ctx = mp.get_context("spawn")
+    for name in names:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=bench._child, args=(name, queue))
+        proc.start()
+        lines = None
+        while lines is None and proc.is_alive():
+            try:
+                lines = queue.get(timeout=5)
+            except queues.Empty:  # still running
+                continue
+        proc.join()
+        if lines is None:
+            lines = [f"(section failed: exit code {proc.exitcode}; its error is printed above)"]
+        print(f"== {name}", *lines, sep="\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
