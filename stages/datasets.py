@@ -43,9 +43,12 @@ def _existing(path: str, what: str, hint: str = "") -> Path:
     return p
 
 
+VIDEO_KINDS = ("framefolders", "davis", "ytvis")
+
+
 def list_images(cfg: DatasetConfig) -> list[ImageRecord]:
     """Every image of the dataset, in a stable order, with its id and root-relative file name."""
-    if cfg.kind in ("framefolders", "davis", "ytvis"):
+    if cfg.kind in VIDEO_KINDS:
         from stages.videos import frame_records  # video frames as images (self-training on video labels)
 
         return frame_records(cfg)
@@ -101,7 +104,9 @@ def ground_truth_boxes(cfg: DatasetConfig) -> dict[str, np.ndarray]:
         return {
             f"JPEGImages/{s}.jpg": _voc_boxes(root / "Annotations" / f"{s}.xml") for s in _voc_ids(cfg, root)
         }
-    data = _coco_json(cfg)
+    data = ground_truth_coco(cfg) if cfg.kind in VIDEO_KINDS else _coco_json(cfg)
+    if data is None:
+        raise DatasetError(f"dataset '{cfg.name}' has no annotations: it has no ground truth")
     by_image: dict[int, list] = {}
     for ann in data.get("annotations", []):
         if not ann.get("iscrowd", 0):
@@ -125,6 +130,10 @@ def ground_truth_coco(cfg: DatasetConfig) -> dict | None:
     None for an image folder."""
     if cfg.kind == "imagefolder":
         return None
+    if cfg.kind in VIDEO_KINDS:
+        from stages.videos import frames_ground_truth
+
+        return frames_ground_truth(cfg)
     if cfg.kind != "voc":
         data = _coco_json(cfg)
         if cfg.kind == "coco20k":

@@ -13,9 +13,9 @@ from pycocotools import mask as mask_utils
 
 from pipeline.config import DatasetConfig
 from stages.datasets import DatasetError, ImageRecord, resolve
+from stages.export import coco_file, mask_annotation
 from stages.io import IMAGE_SUFFIXES, read_json
 
-VIDEO_KINDS = ("framefolders", "davis", "ytvis")
 DAVIS_RES = "480p"  # the DAVIS layout's resolution folder
 
 
@@ -103,3 +103,21 @@ def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
                     ids[t][mask_utils.decode(rle).astype(bool)] = k
         return ids
     raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
+
+
+def frames_ground_truth(cfg: DatasetConfig) -> dict | None:
+    """The video ground truth as per-frame COCO instances (frames as images, ids as in ``frame_records``),
+    for detector AP and CorLoc on video frames; None when the dataset has no annotations."""
+    if cfg.kind == "framefolders" or (cfg.kind == "ytvis" and not cfg.annotations):
+        return None
+    if cfg.kind == "davis" and not (resolve(cfg.root) / "Annotations" / DAVIS_RES).is_dir():
+        return None
+    ids = {r.file_name: r.id for r in frame_records(cfg)}
+    images, annotations = [], []
+    for video in list_videos(cfg):
+        truth = video_ground_truth(cfg, video)
+        for frame, objects in zip(video.frames, truth, strict=True):
+            height, width = objects.shape
+            images.append({"id": ids[frame], "file_name": frame, "width": width, "height": height})
+            annotations += [mask_annotation(objects == k, ids[frame]) for k in np.unique(objects) if k]
+    return coco_file(images, annotations)

@@ -16,7 +16,8 @@ from pipeline.pseudolabels import run as pseudolabels
 from stages.ba import ba_tracks
 from stages.ba_cluster import background_cluster, cluster_attention, instance_tracks
 from stages.backbone import Backbone
-from stages.datasets import list_images
+from stages.datasets import ground_truth_boxes, ground_truth_coco, list_images
+from stages.export import validate_coco
 from stages.train import check_labels
 from stages.videos import list_videos, video_ground_truth
 from tests.synthetic import write_davis_videos
@@ -60,6 +61,21 @@ def test_frame_folders_sort_numerically_and_davis_void_is_background(tmp_path):
     davis = load_config("davis17", "ba", [f"dataset.root={root}"]).dataset
     gt = video_ground_truth(davis, list_videos(davis)[0])
     assert gt.shape == (2, 64, 96) and set(np.unique(gt)) == {0, 1, 2}
+
+
+def test_video_ground_truth_as_per_frame_coco(tmp_path):
+    # Frames double as images for the detector, so its AP and CorLoc need the video masks as COCO.
+    write_davis_videos(tmp_path, n_videos=2, n_frames=3)
+    davis = load_config("davis17", "ba", [f"dataset.root={tmp_path}"]).dataset
+    gt = ground_truth_coco(davis)
+    validate_coco(gt)
+    assert [im["id"] for im in gt["images"]] == [r.id for r in list_images(davis)]
+    assert len(gt["annotations"]) == 2 * 3 * 2  # two objects in every frame
+    assert all(a["area"] == 400 for a in gt["annotations"])  # 20x20 squares
+    boxes = ground_truth_boxes(davis)["JPEGImages/480p/video0/00001.png"]
+    assert sorted(boxes.tolist()) == [[8.0, 8.0, 28.0, 28.0], [66.0, 36.0, 86.0, 56.0]]
+    (tmp_path / "Annotations").rename(tmp_path / "no-annotations")
+    assert ground_truth_coco(davis) is None
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +160,6 @@ def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tm
     # BA now finds and uses this correlator for the dataset.
     assert video.resolve_correlator(cfg).correlator.checkpoint == str(path)
     assert Path(path).parent.name.startswith("davis17-correlator-")
+    # ... unless the frozen ViT attention is asked for by name.
+    frozen = replace(cfg, **{"correlator.checkpoint": "frozen"})
+    assert video.resolve_correlator(frozen).correlator.checkpoint is None
