@@ -284,7 +284,8 @@ class TrainConfig:
 class CorrelatorConfig:
     """BA's temporal correlator: its shape, and how it is trained on unlabeled clips (SPEC "BA")."""
 
-    checkpoint: str | None  # a trained correlator; None = the one trained on this dataset, if any
+    checkpoint: str | None  # a trained correlator; None = the one trained on this dataset, if any;
+    # 'frozen' = none: the frozen ViT's own attention (baseline "A")
     heads: int
     mlp_ratio: float
     clip_len: int  # T frames per training clip (also the number of temporal embeddings)

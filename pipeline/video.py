@@ -25,6 +25,7 @@ from stages.videos import frame_records, list_videos, video_ground_truth
 OUTPUT = "pseudolabels.json"  # per-frame COCO (what self-training reads)
 TRACKS = "ytvis.json"  # YouTube-VIS style: one annotation per track, a segmentation per frame
 CHECKPOINT = "correlator.pth"
+FROZEN = "frozen"  # correlator.checkpoint value: BA on the frozen ViT's attention, trained correlator or not
 
 
 def _backbone(cfg: Config) -> Backbone:
@@ -38,7 +39,10 @@ def _backbone(cfg: Config) -> Backbone:
 
 def resolve_correlator(cfg: Config) -> Config:
     """Fix correlator.checkpoint: the configured file, else the correlator trained on this dataset with this
-    backbone and settings, else None (BA then runs on the frozen ViT's own attention, baseline "A")."""
+    backbone and settings, else None (BA then runs on the frozen ViT's own attention, baseline "A").
+    ``frozen`` asks for that baseline even where a correlator was trained."""
+    if cfg.correlator.checkpoint == FROZEN:
+        return replace(cfg, **{"correlator.checkpoint": None})
     if cfg.correlator.checkpoint:
         path = Path(cfg.correlator.checkpoint).expanduser()
         if not path.is_file():
