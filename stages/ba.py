@@ -21,11 +21,8 @@ from PIL import Image
 from pipeline.config import BAConfig, CorrelatorConfig
 from stages.ba_cluster import (
     background_cluster,
-    first_appearance_labels,
-    first_round,
+    cluster_blocks,
     instance_tracks,
-    merge_rounds,
-    nearest_centroid,
 )
 from stages.backbone import Backbone, prepare_image
 from stages.correlator import (
@@ -47,10 +44,7 @@ def ba_tracks(attend: Attend, num_frames: int, grid: tuple[int, int], cfg: BACon
     def windows():
         return (rows for _, rows in iter_attention_chunks(attend, num_frames, cfg.window))
 
-    centroids, counts = first_round(windows(), cfg.tau)
-    centroids = merge_rounds(centroids, counts, cfg.tau, cfg.max_rounds - 1)
-    labels = torch.cat([nearest_centroid(rows.float(), centroids, None) for rows in windows()])
-    labels = first_appearance_labels(labels).reshape(num_frames, *grid)
+    labels = cluster_blocks(windows, cfg.tau, cfg.max_rounds).reshape(num_frames, *grid)
     return instance_tracks(labels, background_cluster(labels, cfg.background))
 
 

@@ -25,7 +25,7 @@ Differences from the BA public code, on purpose:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -127,12 +127,23 @@ def first_appearance_labels(labels: torch.Tensor) -> torch.Tensor:
     return rank[inverse].reshape(labels.shape)
 
 
-def nearest_centroid(attn: torch.Tensor, centroids: torch.Tensor, block: int | None) -> torch.Tensor:
+def nearest_centroid(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """(N, K) rows, (C, K) centroids -> (N,) index of the nearest centroid by symmetric KL (ties: lowest
-    index). ``block`` rows at a time bounds the (block, K) log of the rows; None = all at once."""
-    step = attn.shape[0] if block is None else block
-    parts = [symmetric_kl(attn[s : s + step], centroids).argmin(dim=1) for s in range(0, attn.shape[0], step)]
-    return torch.cat(parts)
+    index)."""
+    return symmetric_kl(rows, centroids).argmin(dim=1)
+
+
+def cluster_blocks(blocks: Callable[[], Iterable[torch.Tensor]], tau: float, max_rounds: int) -> torch.Tensor:
+    """BA clustering of attention rows that come in blocks -> (N,) long labels, N = all rows in order.
+
+    ``blocks()`` yields the (n_i, K) row blocks, one at a time; it is called twice (absorption, then the
+    assignment), so only one block needs to exist at once. The first round absorbs within each block,
+    later rounds merge centroids; each row then takes its nearest centroid. Labels are numbered by first
+    appearance in row order; a centroid that wins no row leaves no label.
+    """
+    centroids, counts = first_round(blocks(), tau)
+    centroids = merge_rounds(centroids, counts, tau, max_rounds - 1)
+    return first_appearance_labels(torch.cat([nearest_centroid(_normalised(b), centroids) for b in blocks()]))
 
 
 def cluster_attention(
@@ -146,7 +157,6 @@ def cluster_attention(
     first_round_block: None = the first round sees all N rows at once (SPEC; memory N x N). An int runs the
     first round on consecutive blocks of that many rows, each on its own, as the BA code does on 3-frame
     windows (pass 3*h*w); memory is then block x block, and later rounds work on the centroids of all blocks.
-    Labels are numbered by first appearance in row order; a centroid that wins no row leaves no label.
     """
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
@@ -154,11 +164,10 @@ def cluster_attention(
         raise ValueError(f"attn must be a non-empty (N, K) matrix, got shape {tuple(attn.shape)}")
     if first_round_block is not None and first_round_block < 1:
         raise ValueError(f"first_round_block must be >= 1 or None, got {first_round_block}")
-    rows = _normalised(attn)
-    block = first_round_block or rows.shape[0]
-    centroids, counts = first_round((rows[s : s + block] for s in range(0, rows.shape[0], block)), tau)
-    centroids = merge_rounds(centroids, counts, tau, max_rounds - 1)
-    return first_appearance_labels(nearest_centroid(rows, centroids, first_round_block))
+    block = first_round_block or attn.shape[0]
+    return cluster_blocks(
+        lambda: (attn[s : s + block] for s in range(0, attn.shape[0], block)), tau, max_rounds
+    )
 
 
 def border_mask(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
