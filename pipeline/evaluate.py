@@ -13,7 +13,7 @@ from pipeline.pseudolabels import OUTPUT
 from pipeline.runs import RunDir, RunError, resolve_backbone
 from stages.coco_ap import evaluate_ap
 from stages.corloc import corloc
-from stages.datasets import ground_truth_boxes, ground_truth_coco, list_images
+from stages.datasets import coco_boxes, ground_truth_boxes, ground_truth_coco, list_images
 from stages.io import atomic_write_json, read_json
 
 
@@ -70,7 +70,7 @@ def evaluate_detector(model_dir: Path, cfg: Config) -> dict:
     preds = predict(Path(model_dir), list_images(cfg.dataset), out_dir / "shards", 100, cfg)
     metrics = {
         "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
-        "corloc": corloc(top1_boxes(preds), ground_truth_boxes(cfg.dataset)),
+        "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -97,16 +97,19 @@ def ground_truth_boxes(cfg: DatasetConfig) -> dict[str, np.ndarray]:
 
     VOC boxes are 1-based and inclusive: xmin and ymin get -1 (the CorLoc protocol of LOST/TokenCut).
     """
-    if cfg.kind == "imagefolder":
-        raise DatasetError(f"dataset '{cfg.name}' is an image folder: it has no ground truth")
     if cfg.kind == "voc":
         root = resolve(cfg.root)
         return {
             f"JPEGImages/{s}.jpg": _voc_boxes(root / "Annotations" / f"{s}.xml") for s in _voc_ids(cfg, root)
         }
-    data = ground_truth_coco(cfg) if cfg.kind in VIDEO_KINDS else _coco_json(cfg)
+    data = ground_truth_coco(cfg)
     if data is None:
-        raise DatasetError(f"dataset '{cfg.name}' has no annotations: it has no ground truth")
+        raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
+    return coco_boxes(data)
+
+
+def coco_boxes(data: dict) -> dict[str, np.ndarray]:
+    """file_name -> (k, 4) float [x0, y0, x1, y1] boxes of a COCO instances dict, crowd boxes left out."""
     by_image: dict[int, list] = {}
     for ann in data.get("annotations", []):
         if not ann.get("iscrowd", 0):

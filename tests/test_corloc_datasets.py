@@ -61,6 +61,7 @@ def test_coco20k_keeps_listed_images_and_drops_crowd_boxes(tmp_path):
             {"id": 1, "image_id": 1, "bbox": [1, 2, 3, 4], "iscrowd": 0},
             {"id": 2, "image_id": 1, "bbox": [0, 0, 9, 9], "iscrowd": 1},
             {"id": 3, "image_id": 3, "bbox": [0, 0, 2, 2], "iscrowd": 0},
+            {"id": 4, "image_id": 2, "bbox": [0, 0, 5, 5], "iscrowd": 0},  # not in the 20k list
         ],
     }
     (tmp_path / "ann.json").write_text(json.dumps(coco))
@@ -74,6 +75,7 @@ def test_coco20k_keeps_listed_images_and_drops_crowd_boxes(tmp_path):
     assert [r.id for r in list_images(cfg)] == [1, 3]
     gt = ground_truth_boxes(cfg)
     assert gt["COCO_train2014_000000000001.jpg"].tolist() == [[1, 2, 4, 6]]
+    assert set(gt) == {"COCO_train2014_000000000001.jpg", "COCO_train2014_000000000003.jpg"}
 
 
 def test_image_folder_is_recursive_and_sorted(tmp_path):
