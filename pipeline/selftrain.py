@@ -118,6 +118,10 @@ def initial_weights(cfg: Config, round_dir: Path) -> str:
 def run(cfg: Config) -> Path:
     """Train every round of ``cfg.train.rounds`` that is not finished; returns the last round's directory."""
     cfg = resolve_backbone(cfg)
+    if cfg.method.name == "ba":  # the correlator in use is part of what the rounds were trained on
+        from pipeline.video import resolve_correlator
+
+        cfg = resolve_correlator(cfg)
     check_train_config(cfg)
     labels0 = pseudolabels.run(cfg)  # round 0's labels (a no-op when that run is already complete)
     records = list_images(cfg.dataset)
