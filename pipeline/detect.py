@@ -9,7 +9,6 @@ from pipeline.config import Config
 from pipeline.ray_runner import run_configured
 from pipeline.runs import RunError, shard_records
 from stages import detector as det
-from stages.backbone import resolve_device
 from stages.datasets import ImageRecord
 from stages.io import read_json
 
@@ -24,10 +23,9 @@ def predict(model_dir: Path, records: list[ImageRecord], out_dir: Path, max_dets
     """Predictions of a detector directory on ``records``: {"images", "annotations", "failures"}.
     Shards are kept in ``out_dir``: an interrupted pass resumes."""
     shards = shard_records(records, cfg.run.shard_size)
-    use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
     factory = functools.partial(make_detection_worker, model_dir, cfg.backbone.device, max_dets, out_dir)
     shard_file = lambda i: out_dir / f"shard-{i:05d}.json"  # noqa: E731
-    report = run_configured(cfg.run, use_gpu, factory, shards, shard_file, "detect")
+    report = run_configured(cfg.run, cfg.backbone.device, factory, shards, shard_file, "detect")
     if report.failed:
         raise RunError(f"{len(report.failed)} inference shards failed (re-run to retry): {report.failed}")
     merged = {"images": [], "annotations": [], "failures": []}

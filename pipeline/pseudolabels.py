@@ -9,8 +9,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.ray_runner import run_configured
-from pipeline.runs import RunDir, RunError, resolve_backbone, shard_records, write_jsonl
-from stages.backbone import Backbone, resolve_device
+from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, shard_records, write_jsonl
 from stages.datasets import ImageRecord, list_images
 from stages.discover import Discoverer, run_shard
 from stages.export import coco_file, write_coco
@@ -21,15 +20,13 @@ OUTPUT = "pseudolabels.json"
 
 def make_worker(cfg: Config, run_dir: RunDir, overlay_ids: frozenset[int]):
     """Built inside each Ray actor: loads the backbone once, then runs shards."""
-    b = cfg.backbone
-    weights = Path(b.weights) if b.weights else None
-    backbone = Backbone(b.arch, weights, b.device, random_init=b.random_init, seed=cfg.seed)
-    discoverer = Discoverer(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
+    discoverer = Discoverer(load_backbone(cfg), cfg.method, cfg.refine, cfg.run.max_patches)
 
     def work(index: int, records: list[ImageRecord]) -> dict:
-        overlays = run_dir.path / "overlays" if any(r.id in overlay_ids for r in records) else None
         wanted = [r for r in records if r.id in overlay_ids]
-        return run_shard(discoverer, records, run_dir.shard_file(index), b.batch_size, overlays, wanted)
+        overlays = run_dir.path / "overlays" if wanted else None
+        batch = cfg.backbone.batch_size
+        return run_shard(discoverer, records, run_dir.shard_file(index), batch, overlays, wanted)
 
     return work
 
@@ -53,20 +50,16 @@ def run(cfg: Config) -> Path:
         file=sys.stderr,
     )
     start = time.perf_counter()
-    missing = len(shards) - len(run_dir.finished_shards() & set(range(len(shards))))
-    if missing:
-        use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
-        overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
-        factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
-        report = run_configured(cfg.run, use_gpu, factory, shards, run_dir.shard_file, cfg.method.name)
-        if report.failed:
-            raise RunError(
-                f"{len(report.failed)} of {len(shards)} shards failed ({report.done} finished now, kept in "
-                f"{run_dir.shards}); fix the cause and re-run to do only the rest. First error: "
-                f"{next(iter(report.failed.values()))}"
-            )
-    else:
-        print(f"all {len(shards)} shards already done", file=sys.stderr)
+    overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
+    factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
+    device = cfg.backbone.device
+    report = run_configured(cfg.run, device, factory, shards, run_dir.shard_file, cfg.method.name)
+    if report.failed:
+        raise RunError(
+            f"{len(report.failed)} of {len(shards)} shards failed ({report.done} finished now, kept in "
+            f"{run_dir.shards}); fix the cause and re-run to do only the rest. First error: "
+            f"{next(iter(report.failed.values()))}"
+        )
     return merge(run_dir, len(shards), time.perf_counter() - start)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import ray
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
+from stages.backbone import resolve_device
 
 Worker = Callable[[int, list], dict]
 
@@ -59,14 +61,19 @@ def default_workers(threads_per_worker: int, use_gpu: bool) -> int:
 
 def run_configured(
     run: RunConfig,
-    use_gpu: bool,
+    device: str,
     factory: Callable[[], Worker],
     shards: list[list],
     shard_file: Callable[[int], Path],
     desc: str,
     size: Callable[[Any], int] = lambda item: 1,
 ) -> ShardReport:
-    """``run_shards`` on the Ray cluster and worker count that the run config asks for."""
+    """``run_shards`` on the Ray cluster and worker count that the run config asks for, with one GPU per
+    actor when ``device`` resolves to CUDA. When every shard is already done, Ray is not even started."""
+    if all(shard_file(i).exists() for i in range(len(shards))):
+        print(f"{desc}: all {len(shards)} shards already done", file=sys.stderr)
+        return ShardReport()
+    use_gpu = resolve_device(device).type == "cuda"
     ensure_ray(run.ray_address, run.object_store_mb)
     workers = run.workers or default_workers(run.threads_per_worker, use_gpu)
     return run_shards(factory, shards, shard_file, workers, run.threads_per_worker, use_gpu, desc, size)
@@ -75,7 +82,6 @@ def run_configured(
 @dataclass
 class ShardReport:
     done: int = 0  # shards finished in this call
-    skipped: int = 0  # shards already finished before
     failed: dict[int, str] = field(default_factory=dict)  # shard index -> error
     summaries: list[dict] = field(default_factory=list)
 
@@ -96,7 +102,6 @@ def run_shards(
     """
     report = ShardReport()
     todo = [i for i in range(len(shards)) if not shard_file(i).exists()]
-    report.skipped = len(shards) - len(todo)
     total = sum(size(item) for shard in shards for item in shard)
     done_items = total - sum(size(item) for i in todo for item in shards[i])
     if not todo:

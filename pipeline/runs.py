@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, replace, save_config
-from stages.backbone import ARCHS, WeightsError, find_weights, missing_weights_message
+from stages.backbone import ARCHS, Backbone, WeightsError, find_weights, missing_weights_message
 from stages.datasets import ImageRecord, resolve
 from stages.io import atomic_write_json, read_json
 
@@ -47,6 +47,12 @@ EXECUTION_KEYS = (
 
 class RunError(RuntimeError):
     """A run that cannot start or continue, with what to do about it."""
+
+
+def load_backbone(cfg: Config) -> Backbone:
+    """The frozen backbone of a config whose weights are resolved (``resolve_backbone``)."""
+    b = cfg.backbone
+    return Backbone(b.arch, Path(b.weights) if b.weights else None, b.device, b.random_init, cfg.seed)
 
 
 def resolve_backbone(cfg: Config) -> Config:
@@ -103,9 +109,6 @@ class RunDir:
             )
         if not manifest.exists():
             atomic_write_json(manifest, listing)
-
-    def finished_shards(self) -> set[int]:
-        return {int(p.stem.split("-")[1]) for p in self.shards.glob("shard-*.json")}
 
 
 def shard_records(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:

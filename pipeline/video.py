@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, replace
+from pipeline.config import Config, replace, save_config
 from pipeline.ray_runner import run_configured
-from pipeline.runs import RunDir, RunError, resolve_backbone, write_jsonl
+from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, write_jsonl
 from stages import correlator as corr
 from stages.ba import VideoDiscoverer, frame_input_size, load_correlator, run_video
-from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, resolve_device
+from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from stages.export import coco_file, write_coco
 from stages.io import atomic_write_json, load_rgb, read_json
 from stages.video_metrics import davis_jf, fg_ari, miou_hungarian
@@ -26,11 +26,6 @@ OUTPUT = "pseudolabels.json"  # per-frame COCO (what self-training reads)
 TRACKS = "ytvis.json"  # YouTube-VIS style: one annotation per track, a segmentation per frame
 CHECKPOINT = "correlator.pth"
 FROZEN = "frozen"  # correlator.checkpoint value: BA on the frozen ViT's attention, trained correlator or not
-
-
-def _backbone(cfg: Config) -> Backbone:
-    b = cfg.backbone
-    return Backbone(b.arch, Path(b.weights) if b.weights else None, b.device, b.random_init, cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,11 +91,9 @@ def train_correlator(cfg: Config) -> Path:
     cfg = resolve_backbone(cfg)
     run_dir = RunDir.for_config(cfg, "correlator")
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    from pipeline.config import save_config
-
     save_config(cfg, run_dir.path / "config.yaml")
     checkpoint = run_dir.path / CHECKPOINT
-    backbone = _backbone(cfg)
+    backbone = load_backbone(cfg)
     c = cfg.correlator
     model = corr.TemporalCorrelator(backbone.model.embed_dim, c.heads, c.mlp_ratio, c.clip_len).to(
         backbone.device
@@ -139,7 +132,7 @@ def train_correlator(cfg: Config) -> Path:
 
 def make_worker(cfg: Config, run_dir: RunDir, overlay_ids: frozenset[int]):
     """Built inside each Ray actor: backbone and correlator are loaded once."""
-    backbone = _backbone(cfg)
+    backbone = load_backbone(cfg)
     correlator = None
     if cfg.correlator.checkpoint:
         correlator = load_correlator(
@@ -169,17 +162,15 @@ def run(cfg: Config) -> Path:
     )
     start = time.perf_counter()
     shards = [[v] for v in videos]
-    if len(run_dir.finished_shards() & set(range(len(shards)))) < len(shards):
-        use_gpu = resolve_device(cfg.backbone.device).type == "cuda"
-        overlay_ids = frozenset(v.id for v in videos[: cfg.run.overlays])
-        factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
-        size = lambda v: len(v.frames)  # noqa: E731
-        report = run_configured(cfg.run, use_gpu, factory, shards, run_dir.shard_file, "ba", size)
-        if report.failed:
-            raise RunError(
-                f"{len(report.failed)} videos failed (finished ones are kept; re-run to retry): "
-                f"{next(iter(report.failed.values()))}"
-            )
+    overlay_ids = frozenset(v.id for v in videos[: cfg.run.overlays])
+    factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
+    size = lambda v: len(v.frames)  # noqa: E731
+    report = run_configured(cfg.run, cfg.backbone.device, factory, shards, run_dir.shard_file, "ba", size)
+    if report.failed:
+        raise RunError(
+            f"{len(report.failed)} videos failed (finished ones are kept; re-run to retry): "
+            f"{next(iter(report.failed.values()))}"
+        )
     return merge(cfg, run_dir, len(shards), time.perf_counter() - start)
 
 
