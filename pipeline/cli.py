@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -86,7 +85,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights only ever come from local files
     try:
         cfg = load_config(args.dataset, args.method, args.overrides, args.preset)
         command = COMMANDS[args.command][0]
