@@ -31,26 +31,35 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(fn, reps: int = 1) -> float:
-    """Shortest wall time of ``reps`` calls after a warm-up call."""
-    fn()
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is queued: time it done, not queued
+
+
+def timed(fn, reps: int) -> tuple[float, object]:
+    """Shortest wall time of ``reps`` calls (after one warm-up call when reps > 1) and the last result. The
+    shortest, not the median: on a shared machine other work only ever adds time."""
+    out = fn() if reps > 1 else None
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
-        fn()
+        out = fn()
+        _sync()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, out
 
 
-def _timed_pair(first, second, reps: int) -> tuple[float, float]:
+def timed_pair(first, second, reps: int) -> tuple[float, float]:
     """Shortest wall times of two calls timed alternately (after a warm-up of each), so that background
     load drifting over a long run hits both alike."""
     first(), second()
     best = [float("inf"), float("inf")]
     for _ in range(reps):
         for i, fn in enumerate((first, second)):
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             best[i] = min(best[i], time.perf_counter() - start)
     return best[0], best[1]
 
@@ -120,14 +129,14 @@ def _workload(n: int, size: tuple[int, int] = (480, 640)) -> list[np.ndarray]:
 
 def _plain_forward(arch: str, x: torch.Tensor):
     """The reference feature pass: timm's own forward_features of the same architecture built for x's size
-    (every block in full, the final norm), random weights; what a plain model(x) would cost."""
+    (every block in full, the final norm), random weights, on x's device; what a plain model(x) costs."""
     import timm
 
     from stages.backbone import ARCHS
 
     spec = ARCHS[arch]
     kwargs = {**spec.timm_kwargs, "img_size": tuple(x.shape[-2:])}
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs).eval()
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs).eval().to(x.device)
 
     @torch.inference_mode()
     def forward():
@@ -142,19 +151,18 @@ def stages() -> list[str]:
     from stages.discover import Discoverer, find_objects, to_pixels
     from stages.export import mask_annotation
 
-    cfg = load_config("demo", "maskcut", ["backbone.arch=dino_vitb8", "backbone.random_init=true"])
+    cfg = load_config("demo", "maskcut")
     backbone = Backbone("dino_vitb8", None, cfg.backbone.device, random_init=True)
     images = _workload(2)
-    x = torch.stack([prepare_image(im, 8, cfg.method.resize) for im in images[:1]])
-    lean, full = _timed_pair(lambda: backbone(x), _plain_forward("dino_vitb8", x), 3)
+    x = torch.stack([prepare_image(im, 8, cfg.method.resize) for im in images[:1]]).to(backbone.device)
+    lean, full = timed_pair(lambda: backbone(x), _plain_forward("dino_vitb8", x), 3)
     keys = backbone(x).keys[0, 1:]
-    masks = find_objects(keys, (60, 60), cfg.method, "dino")
-    discover = _timed(lambda: find_objects(keys, (60, 60), cfg.method, "dino"), 3)
-    refine = _timed(lambda: to_pixels(images[0], masks, 8, cfg.method.resize, "crf", cfg.refine))
+    discover, masks = timed(lambda: find_objects(keys, (60, 60), cfg.method, "dino"), 3)
+    refine, _ = timed(lambda: to_pixels(images[0], masks, 8, cfg.method.resize, "crf", cfg.refine), 2)
     pixel_masks = to_pixels(images[0], masks, 8, cfg.method.resize, "none", cfg.refine).masks
-    export = _timed(lambda: [mask_annotation(m, 1) for m in pixel_masks], 3)
+    export, _ = timed(lambda: [mask_annotation(m, 1) for m in pixel_masks], 3)
     discoverer = Discoverer(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
-    backbone_alone, end_to_end = _timed_pair(lambda: backbone(x), lambda: discoverer(images[:1], 1), 2)
+    backbone_alone, end_to_end = timed_pair(lambda: backbone(x), lambda: discoverer(images[:1], 1), 2)
     return [
         f"backbone ViT-B/8 480x480 (random weights): lean keys-only pass {lean:.2f} s/img "
         f"({1 / lean:.2f} img/s) vs timm's full forward_features {full:.2f} s ({full / lean:.2f}x)",
@@ -265,25 +273,25 @@ def _time_detector(model: str, label: str, schedule: list[str], size: int, image
 
     train_cfg = load_config("demo", "maskcut", [f"train.model={model}", f"train.schedule={schedule}"]).train
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    d2 = detectron_cfg(train_cfg, 0, Path(tempfile.mkdtemp()), "", device)
-    d2.INPUT.MIN_SIZE_TEST = size
-    batch = _training_batch(images, size, d2.SOLVER.IMS_PER_BATCH if label == "tiny" else 2)
-    net = build_model(d2)
-    net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+    with tempfile.TemporaryDirectory() as tmp:  # the saved weights are hundreds of MB
+        d2 = detectron_cfg(train_cfg, 0, Path(tmp), "", device)
+        d2.INPUT.MIN_SIZE_TEST = size
+        batch = _training_batch(images, size, d2.SOLVER.IMS_PER_BATCH if label == "tiny" else 2)
+        net = build_model(d2)
+        net.train()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-4)
 
-    def step():
-        with EventStorage(0):  # detectron2's losses log into the current storage
-            opt.zero_grad()
-            sum(net(batch).values()).backward()
-            opt.step()
+        def step():
+            with EventStorage(0):  # detectron2's losses log into the current storage
+                opt.zero_grad()
+                sum(net(batch).values()).backward()
+                opt.step()
 
-    train_s = _timed(step, 2)
-    weights = Path(d2.OUTPUT_DIR) / "w.pth"
-    torch.save({"model": net.state_dict()}, weights)
-    d2.MODEL.WEIGHTS = str(weights)
-    det = Detector(d2)
-    infer_s = _timed(lambda: det(images[0]), 2)
+        train_s, _ = timed(step, 2)
+        d2.MODEL.WEIGHTS = str(Path(tmp) / "w.pth")
+        torch.save({"model": net.state_dict()}, d2.MODEL.WEIGHTS)
+        det = Detector(d2)
+        infer_s, _ = timed(lambda: det(images[0]), 2)
     return (
         f"{model} {label} ({size} px short side, batch {len(batch)}): training {1 / train_s:.3f} it/s "
         f"({train_s:.1f} s/it), inference {1 / infer_s:.2f} img/s"

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import torch
-import yaml
 
-from pipeline.config import CONFIG_DIR, MaskCutConfig, TokenCutConfig, from_dict
+from pipeline.bench import timed
+from pipeline.config import load_config
 from stages.discover import find_objects
 from stages.ncut import binary_affinity, canonical_sign, fiedler_vector, lanczos_fiedler, unit_keys
 
@@ -276,27 +276,6 @@ def parity_report(n_graphs: int, seed: int = 0, verbose: bool = False) -> dict:
 # Timing
 
 
-def method_config(name: str) -> MaskCutConfig | TokenCutConfig:
-    """The method's defaults from configs/methods/<name>.yaml."""
-    with open(CONFIG_DIR / "methods" / f"{name}.yaml") as f:
-        data = yaml.safe_load(f)["method"]
-    return from_dict(MaskCutConfig if name == "maskcut" else TokenCutConfig, data, "method")
-
-
-def _timed(fn, reps: int) -> tuple[float, object]:
-    """Shortest wall time of ``reps`` calls (after one warm-up when reps > 1) and the last result. The
-    shortest, not the median: on a shared machine other work only ever adds time."""
-    out = fn() if reps > 1 else None
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times), out
-
-
 def time_discovery(
     method: str, grid: tuple[int, int], dim: int, dense_reps: int, fast_reps: int, device: str = "cpu"
 ) -> dict:
@@ -304,7 +283,7 @@ def time_discovery(
     defaults (DINO graph settings) and each solver, on a planted scene with three objects (MaskCut finds
     all three at 60x60). Also the solver alone on the first cut's graph, the graph construction alone, and
     whether both solvers gave the same masks."""
-    cfg = method_config(method)
+    cfg = load_config("demo", method).method
     graph = cfg.graph["dino"]
     rng = np.random.default_rng(2)
     boxes = [random_box(grid, rng) for _ in range(3)]
@@ -314,11 +293,11 @@ def time_discovery(
         return find_objects(keys, grid, dataclasses.replace(cfg, solver=solver), "dino")
 
     affinity = binary_affinity(unit_keys(keys, graph.center_keys), graph.tau, cfg.eps)
-    dense_s, dense_masks = _timed(lambda: discover("dense"), dense_reps)
-    fast_s, fast_masks = _timed(lambda: discover("fast"), fast_reps)
-    dense_solve_s, _ = _timed(lambda: fiedler_vector(affinity, "dense"), dense_reps)
-    fast_solve_s, _ = _timed(lambda: fiedler_vector(affinity, "fast"), fast_reps)
-    affinity_s, _ = _timed(lambda: binary_affinity(unit_keys(keys, graph.center_keys), graph.tau, cfg.eps), 3)
+    dense_s, dense_masks = timed(lambda: discover("dense"), dense_reps)
+    fast_s, fast_masks = timed(lambda: discover("fast"), fast_reps)
+    dense_solve_s, _ = timed(lambda: fiedler_vector(affinity, "dense"), dense_reps)
+    fast_solve_s, _ = timed(lambda: fiedler_vector(affinity, "fast"), fast_reps)
+    affinity_s, _ = timed(lambda: binary_affinity(unit_keys(keys, graph.center_keys), graph.tau, cfg.eps), 3)
     same = len(dense_masks) == len(fast_masks) and all(
         np.array_equal(a, b) for a, b in zip(dense_masks, fast_masks, strict=False)
     )
