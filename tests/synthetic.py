@@ -25,10 +25,6 @@ def planted_keys(
     return 5 * keys, truth
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
-
-
 def object_image(height: int, width: int, box: Box, seed: int = 0) -> np.ndarray:
     """A dark, slightly noisy image with one bright red rectangle (pixel box y0, x0, y1, x1)."""
     rng = np.random.default_rng(seed)

@@ -7,8 +7,9 @@ import torch
 from stages.lost import lost
 from stages.maskcut import maskcut
 from stages.ncut import patch_box, seed_component
+from stages.refine import mask_iou
 from stages.tokencut import tokencut
-from tests.synthetic import iou, planted_keys
+from tests.synthetic import planted_keys
 
 ONE = [(3, 4, 10, 12)]
 TWO = [(2, 2, 8, 9), (14, 15, 20, 24)]
@@ -34,20 +35,20 @@ def test_tokencut_finds_the_object_on_any_grid(grid):
     keys, (truth,) = planted_keys(grid, [(3, 4, 10, 12)])
     mask = tokencut(keys, grid, tau=0.2, eps=1e-5, center=False, solver="dense")
     assert mask.shape == grid
-    assert iou(mask, truth) > 0.95
+    assert mask_iou(mask, truth) > 0.95
 
 
 def test_tokencut_keeps_only_the_seed_component():
     keys, truth = planted_keys((24, 30), TWO)
     mask = tokencut(keys, (24, 30), tau=0.2, eps=1e-5, center=False, solver="dense")
-    assert max(iou(mask, t) for t in truth) > 0.95  # one object, not both
+    assert max(mask_iou(mask, t) for t in truth) > 0.95  # one object, not both
 
 
 @pytest.mark.parametrize("grid", [(24, 30), (19, 33)])
 def test_lost_finds_the_object(grid):
     keys, (truth,) = planted_keys(grid, ONE)
     mask = lost(keys, grid, k=100)
-    assert iou(mask, truth) > 0.95
+    assert mask_iou(mask, truth) > 0.95
 
 
 @pytest.mark.parametrize("boxes", [TWO, THREE])
@@ -56,9 +57,9 @@ def test_maskcut_finds_each_object_once(boxes):
     keys, truth = planted_keys(grid, boxes)
     masks = run_maskcut(keys, grid)
     assert len(masks) == len(boxes)
-    matched = sorted(int(np.argmax([iou(m, t) for t in truth])) for m in masks)
+    matched = sorted(int(np.argmax([mask_iou(m, t) for t in truth])) for m in masks)
     assert matched == list(range(len(boxes)))  # each object found, none twice
-    assert all(max(iou(m, t) for t in truth) > 0.95 for m in masks)
+    assert all(max(mask_iou(m, t) for t in truth) > 0.95 for m in masks)
     assert not np.any(np.sum(masks, axis=0) > 1)  # disjoint
 
 
@@ -66,7 +67,7 @@ def test_maskcut_rejects_duplicates_of_a_single_object():
     keys, (truth,) = planted_keys((24, 30), ONE)
     masks = run_maskcut(keys, (24, 30))
     assert len(masks) == 1
-    assert iou(masks[0], truth) > 0.95
+    assert mask_iou(masks[0], truth) > 0.95
 
 
 def test_maskcut_on_a_non_square_grid_and_centred_keys():
@@ -78,7 +79,7 @@ def test_maskcut_on_a_non_square_grid_and_centred_keys():
         keys, grid, tau=0.2, eps=1e-5, center=True, n_masks=3, max_overlap=0.5, min_area=0.01, solver="dense"
     )
     assert len(masks) == 2
-    assert sorted(max(range(2), key=lambda j: iou(m, truth[j])) for m in masks) == [0, 1]
+    assert sorted(max(range(2), key=lambda j: mask_iou(m, truth[j])) for m in masks) == [0, 1]
 
 
 def test_maskcut_flips_when_the_cut_takes_the_corners():
@@ -87,7 +88,7 @@ def test_maskcut_flips_when_the_cut_takes_the_corners():
     grid = (20, 20)
     keys, (truth,) = planted_keys(grid, [(2, 2, 18, 18)])
     masks = run_maskcut(keys, grid, n_masks=1)
-    assert iou(masks[0], truth) > 0.95
+    assert mask_iou(masks[0], truth) > 0.95
 
 
 def test_seed_component_and_patch_box():

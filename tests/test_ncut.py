@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.bench_ncut import two_cliques
 from stages.maskcut import maskcut
 from stages.ncut import (
     binary_affinity,
@@ -99,7 +100,7 @@ def test_disconnected_cliques():
     """Two cliques joined only by eps edges: lambda2 ~ 2 eps; the cut separates the cliques."""
     n, first = 300, 110
     side = torch.arange(n) < first
-    affinity = torch.where(side[:, None] == side[None, :], 1.0, EPS)
+    affinity = two_cliques(n, first, EPS)
     result = lanczos_fiedler(affinity)
     assert result.converged and result.value < 1e-3
     for solver in ("dense", "fast"):
@@ -154,8 +155,7 @@ def test_canonical_sign():
 def test_equal_cliques_get_the_same_sign_from_both_solvers():
     """Two equal cliques: v = +c on one, -c on the other, so the largest magnitude does not pick a sign;
     the tie rule must, the same way for both solvers (MaskCut's seed and flip depend on it)."""
-    side = torch.arange(200) < 100
-    affinity = torch.where(side[:, None] == side[None, :], 1.0, EPS)
+    affinity = two_cliques(200, 100, EPS)
     dense, fast = fiedler_vector(affinity, "dense"), fiedler_vector(affinity, "fast")
     assert float(dense[0]) > 0 and float(fast[0]) > 0
     assert np.array_equal(bipartition(dense), bipartition(fast))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import yaml
 
-from pipeline.config import CONFIG_DIR, ConfigError, RefineConfig, from_dict, load_config
+from pipeline.config import RefineConfig, load_config
 from stages.bilateral_solver import bilateral_solve
 from stages.refine import largest_component, mask_iou, refine_mask
 
@@ -17,12 +16,7 @@ PATCH = 16
 @pytest.fixture(scope="module")
 def cfg() -> RefineConfig:
     """The real refinement defaults (configs/defaults.yaml)."""
-    try:
-        return load_config().refine
-    except ConfigError:
-        # Other parts of the configuration may not exist yet; the refine section alone is enough here.
-        with open(CONFIG_DIR / "defaults.yaml") as f:
-            return from_dict(RefineConfig, yaml.safe_load(f)["refine"], "refine")
+    return load_config().refine
 
 
 def scene(noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
