@@ -147,7 +147,7 @@ def _plain_forward(arch: str, x: torch.Tensor):
 
 def stages() -> list[str]:
     from pipeline.config import load_config
-    from stages.backbone import Backbone, prepare_image
+    from stages.backbone import Backbone, network_image, prepare_image
     from stages.discover import Discoverer, find_objects, to_pixels
     from stages.export import mask_annotation
 
@@ -158,8 +158,9 @@ def stages() -> list[str]:
     lean, full = timed_pair(lambda: backbone(x), _plain_forward("dino_vitb8", x), 3)
     keys = backbone(x).keys[0, 1:]
     discover, masks = timed(lambda: find_objects(keys, (60, 60), cfg.method, "dino"), 3)
-    refine, _ = timed(lambda: to_pixels(images[0], masks, 8, cfg.method.resize, "crf", cfg.refine), 2)
-    pixel_masks = to_pixels(images[0], masks, 8, cfg.method.resize, "none", cfg.refine).masks
+    work = network_image(images[0], 8, cfg.method.resize)
+    refine, _ = timed(lambda: to_pixels(images[0], work, masks, 8, "crf", cfg.refine), 2)
+    pixel_masks = to_pixels(images[0], work, masks, 8, "none", cfg.refine).masks
     export, _ = timed(lambda: [mask_annotation(m, 1) for m in pixel_masks], 3)
     discoverer = Discoverer(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
     backbone_alone, end_to_end = timed_pair(lambda: backbone(x), lambda: discoverer(images[:1], 1), 2)

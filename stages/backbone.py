@@ -288,12 +288,20 @@ def input_size(height: int, width: int, patch: int, resize: int | None) -> tuple
     return -(-height // patch) * patch, -(-width // patch) * patch
 
 
+def network_image(rgb: np.ndarray, patch: int, resize: int | None) -> np.ndarray:
+    """The HxWx3 uint8 image the network sees before padding: resized to the square of ``input_size``
+    (LANCZOS) when ``resize`` is set, else ``rgb`` itself."""
+    if resize is None:
+        return rgb
+    out_h, out_w = input_size(rgb.shape[0], rgb.shape[1], patch, resize)
+    return np.array(Image.fromarray(rgb).resize((out_w, out_h), Image.LANCZOS))
+
+
 def prepare_image(rgb: np.ndarray, patch: int, resize: int | None) -> torch.Tensor:
     """HxWx3 uint8 -> (3, H', W') normalised tensor: resized to a square (LANCZOS) when ``resize`` is set,
     else zero-padded right/bottom (in normalised space, as TokenCut and LOST do)."""
     out_h, out_w = input_size(rgb.shape[0], rgb.shape[1], patch, resize)
-    if resize is not None:
-        rgb = np.array(Image.fromarray(rgb).resize((out_w, out_h), Image.LANCZOS))
+    rgb = network_image(rgb, patch, resize)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import MethodConfig, RefineConfig
-from stages.backbone import Backbone, input_size, prepare_image
+from stages.backbone import Backbone, input_size, network_image, prepare_image
 from stages.datasets import ImageRecord
 from stages.export import mask_annotation
 from stages.io import BadImage, atomic_write_bytes, atomic_write_json, load_rgb
@@ -55,27 +55,22 @@ class ImageObjects:
     masks: list[np.ndarray]  # refined (H, W) bool masks; masks rejected by refinement are left out
 
 
-def work_size(height: int, width: int, patch: int, resize: int | None) -> tuple[int, int]:
-    """Size of the image the network sees, before padding: the resized square or the image itself."""
-    return input_size(height, width, patch, resize) if resize is not None else (height, width)
-
-
 def to_pixels(
     rgb: np.ndarray,
+    work_rgb: np.ndarray,
     patch_masks: list[np.ndarray],
     patch: int,
-    resize: int | None,
     refine: str,
     cfg: RefineConfig,
 ) -> ImageObjects:
     """Patch masks -> boxes and refined masks at the original image size.
 
-    Masks are upsampled to the network's (resized) image, refined there, then resized to the original size;
-    boxes follow SPEC ([xmin*p, ymin*p, (xmax+1)*p, (ymax+1)*p], clipped) and are scaled the same way.
+    ``work_rgb`` is the image the network saw before padding (``network_image``). Masks are upsampled to it,
+    refined there, then resized to the original size; boxes follow SPEC ([xmin*p, ymin*p, (xmax+1)*p,
+    (ymax+1)*p], clipped) and are scaled the same way.
     """
     height, width = rgb.shape[:2]
-    work_h, work_w = work_size(height, width, patch, resize)
-    work_rgb = rgb if (work_h, work_w) == (height, width) else _resize_rgb(rgb, work_h, work_w)
+    work_h, work_w = work_rgb.shape[:2]
     sx, sy = width / work_w, height / work_h
     out = ImageObjects([], [])
     for mask in patch_masks:
@@ -87,10 +82,6 @@ def to_pixels(
         if refined is not None and refined.any():
             out.masks.append(_resize_mask(refined, height, width))
     return out
-
-
-def _resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    return np.array(Image.fromarray(rgb).resize((width, height), Image.LANCZOS))
 
 
 def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -128,8 +119,10 @@ class Discoverer:
 
     def __call__(self, images: list[np.ndarray], batch_size: int) -> list[ImageObjects | BadImage]:
         """Objects of each image (or why it failed); images of the same input size share a forward pass."""
-        p, resize = self.backbone.patch, self.method.resize
-        tensors = [prepare_image(rgb, p, resize) for rgb in images]
+        p = self.backbone.patch
+        # Resized once: the network's tensor and the refinement both use this image.
+        works = [network_image(rgb, p, self.method.resize) for rgb in images]
+        tensors = [prepare_image(work, p, None) for work in works]
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, t in enumerate(tensors):
             by_size.setdefault(tuple(t.shape), []).append(i)
@@ -139,15 +132,17 @@ class Discoverer:
                 chunk = indices[start : start + batch_size]
                 feats = self.backbone(torch.stack([tensors[i] for i in chunk]))
                 for i, keys in zip(chunk, feats.keys[:, 1:], strict=True):
-                    results[i] = self._objects(images[i], keys, feats.grid)
+                    results[i] = self._objects(images[i], works[i], keys, feats.grid)
         return results
 
-    def _objects(self, rgb: np.ndarray, keys: torch.Tensor, grid: tuple[int, int]) -> ImageObjects | BadImage:
+    def _objects(
+        self, rgb: np.ndarray, work_rgb: np.ndarray, keys: torch.Tensor, grid: tuple[int, int]
+    ) -> ImageObjects | BadImage:
         try:
             masks = find_objects(keys, grid, self.method, self.backbone.family)
         except np.linalg.LinAlgError as e:  # a degenerate graph LAPACK cannot solve: this image only
             return BadImage(f"eigensolver failed: {e}")
-        return to_pixels(rgb, masks, self.backbone.patch, self.method.resize, self.method.refine, self.refine)
+        return to_pixels(rgb, work_rgb, masks, self.backbone.patch, self.method.refine, self.refine)
 
 
 def run_shard(
