@@ -55,17 +55,13 @@ class Detector:
 
 def detector_cfg(model_dir: Path, device: str = "auto"):
     """The detectron2 config stored in a detector directory, pointed at its weights and the device."""
-    from detectron2.config import get_cfg
-
-    import stages.droploss  # noqa: F401  (registers the ROI heads the config names)
-    from stages.detectron_config import add_cutler_config
+    from stages.detectron_config import cutler_cfg
 
     model_dir = Path(model_dir)
     for name in (WEIGHTS, CONFIG):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"{model_dir} is not a detector directory: no {name}")
-    cfg = get_cfg()
-    add_cutler_config(cfg)
+    cfg = cutler_cfg()
     cfg.merge_from_file(str(model_dir / CONFIG))
     cfg.MODEL.WEIGHTS = str(model_dir / WEIGHTS)
     cfg.MODEL.DEVICE = resolve_device(device).type

@@ -5,7 +5,17 @@ Call :func:`add_cutler_config` on a fresh ``get_cfg()`` before merging a YAML fr
 
 from __future__ import annotations
 
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode, get_cfg
+
+
+def cutler_cfg() -> CfgNode:
+    """detectron2's default config with the CutLER keys added and our ROI heads registered: the base that
+    every YAML in ``detectron_configs/`` and every detector directory's config is merged onto."""
+    import stages.droploss  # noqa: F401  (registers the ROI heads the YAML files name)
+
+    cfg = get_cfg()
+    add_cutler_config(cfg)
+    return cfg
 
 
 def add_cutler_config(cfg: CfgNode) -> None:

@@ -32,13 +32,9 @@ class TrainingError(RuntimeError):
 def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weights: str, device: str):
     """The full detectron2 config of one round: model file, self-training overlay (rounds >= 1), schedule
     files, ``train.opts``; then what only the pipeline knows (device, weights, norm, output dir)."""
-    from detectron2.config import get_cfg
+    from stages.detectron_config import cutler_cfg
 
-    import stages.droploss  # noqa: F401  (registers the ROI heads named in the YAML)
-    from stages.detectron_config import add_cutler_config
-
-    cfg = get_cfg()
-    add_cutler_config(cfg)
+    cfg = cutler_cfg()
     cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{train.model}.yaml"))
     if round_index >= 1:
         cfg.merge_from_file(str(DETECTRON_CONFIGS / "selftrain.yaml"))
@@ -46,7 +42,8 @@ def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weight
         cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{name}.yaml"))
     cfg.merge_from_list(list(train.opts))
     if train.init:  # BN statistics of the DINO ResNet-50 need BN layers; GN stays for random init
-        norm = "SyncBN" if torch.cuda.device_count() > 1 and device == "cuda" else "BN"
+        processes = train.num_gpus or torch.cuda.device_count()  # as many as selftrain launches
+        norm = "SyncBN" if processes > 1 and device == "cuda" else "BN"
         cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = norm
     cfg.MODEL.DEVICE = device
     cfg.SOLVER.AMP.ENABLED = bool(cfg.SOLVER.AMP.ENABLED and device.startswith("cuda"))  # AMP is CUDA-only
