@@ -38,11 +38,9 @@ def crop_and_scale(
         the scale can resolve may come out empty.
     """
     union = _any(masks, dim=0)
-    rows = torch.nonzero(_any(union, dim=1)).flatten()
-    cols = torch.nonzero(_any(union, dim=0)).flatten()
-    if rows.numel() == 0:
+    if not bool(union.any()):
         raise ValueError("cannot cut out empty masks")
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    x0, y0, x1, y1 = (int(v) for v in boxes_from_masks(union[None])[0])
     h0, w0 = y1 - y0, x1 - x0
     ratio = min(ratio, max_hw[0] / h0, max_hw[1] / w0)
     size = (min(max(1, round(h0 * ratio)), max_hw[0]), min(max(1, round(w0 * ratio)), max_hw[1]))
