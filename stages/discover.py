@@ -203,8 +203,11 @@ def write_overlay(path: Path, rgb: np.ndarray, objects: ImageObjects) -> None:
     from detectron2.utils.visualizer import Visualizer
 
     vis = Visualizer(rgb)
-    boxes = [[x, y, x + w, y + h] for x, y, w, h in objects.boxes]
-    image = vis.overlay_instances(boxes=np.asarray(boxes).reshape(-1, 4), masks=objects.masks or None)
+    # Drawn apart: a mask rejected by refinement keeps its box, so there can be more boxes than masks.
+    if objects.masks:
+        vis.overlay_instances(masks=objects.masks)
+    for x, y, w, h in objects.boxes:
+        vis.draw_box((x, y, x + w, y + h))
     out = io.BytesIO()
-    Image.fromarray(image.get_image()).save(out, format="PNG")
+    Image.fromarray(vis.output.get_image()).save(out, format="PNG")
     atomic_write_bytes(path, out.getvalue())

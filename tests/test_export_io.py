@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from stages.discover import ImageObjects, write_overlay
 from stages.export import CocoError, coco_file, mask_annotation, write_coco
 from stages.io import BadImage, atomic_write_bytes, atomic_write_text, load_rgb
 
@@ -80,3 +81,15 @@ def test_unreadable_and_truncated_files_raise_bad_image(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(BadImage, match="unreadable"):
         load_rgb(path)
+
+
+def test_overlay_draws_boxes_of_masks_rejected_by_refinement(tmp_path):
+    # Two discovery boxes, one refined mask (the other was rejected): the overlay still shows both boxes.
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    mask = np.zeros((40, 60), bool)
+    mask[5:15, 5:20] = True
+    objects = ImageObjects(boxes=[[5, 5, 15, 10], [30, 20, 20, 15]], masks=[mask])
+    write_overlay(tmp_path / "o.png", rgb, objects)
+    drawn = np.asarray(Image.open(tmp_path / "o.png"))
+    assert drawn.shape[:2] == (40, 60)
+    assert drawn[20:35, 30:50].any()  # the second box's outline, where no mask is
