@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,13 @@ def _frames_in(folder: Path, root: Path) -> tuple[str, ...]:
     return tuple(p.relative_to(root).as_posix() for p in sorted(files, key=lambda p: frame_order(p.name)))
 
 
+@functools.lru_cache(maxsize=1)
+def _ytvis_json(path: str) -> dict:
+    """A YouTube-VIS json, read once: it is large and asked for per video (listing, ground truth). Callers
+    only read it."""
+    return read_json(Path(path))
+
+
 def list_videos(cfg: DatasetConfig) -> list[VideoRecord]:
     """Every video of a video dataset, in a stable order."""
     root = resolve(cfg.root)
@@ -44,7 +52,7 @@ def list_videos(cfg: DatasetConfig) -> list[VideoRecord]:
         hint = " (run `make demo-data`)" if cfg.name.startswith("demo") else " (set DATA=/path)"
         raise DatasetError(f"video root of dataset '{cfg.name}' not found: {root}{hint}")
     if cfg.kind == "ytvis":
-        videos = read_json(resolve(cfg.annotations))["videos"]
+        videos = _ytvis_json(str(resolve(cfg.annotations)))["videos"]
         return [
             VideoRecord(
                 int(v["id"]),
@@ -86,7 +94,7 @@ def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
         ids[ids == 255] = 0
         return ids
     if cfg.kind == "ytvis":
-        data = read_json(resolve(cfg.annotations))
+        data = _ytvis_json(str(resolve(cfg.annotations)))
         meta = next(v for v in data["videos"] if v["id"] == video.id)
         ids = np.zeros((len(video.frames), meta["height"], meta["width"]), np.int64)
         anns = [a for a in data.get("annotations", []) if a["video_id"] == video.id]

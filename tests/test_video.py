@@ -1,6 +1,7 @@
 """BA on videos: streamed clustering, video datasets, an end-to-end run with stable identities, correlator
 training that resumes."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -76,6 +77,35 @@ def test_video_ground_truth_as_per_frame_coco(tmp_path):
     assert sorted(boxes.tolist()) == [[8.0, 8.0, 28.0, 28.0], [66.0, 36.0, 86.0, 56.0]]
     (tmp_path / "Annotations").rename(tmp_path / "no-annotations")
     assert ground_truth_coco(davis) is None
+
+
+def test_youtube_vis_layout_lists_videos_and_decodes_masks(tmp_path):
+    # Two frames of one video; one object in uncompressed RLE (frame 0) and a polygon (frame 1).
+    (tmp_path / "JPEGImages" / "clip").mkdir(parents=True)
+    for name in ("00000.jpg", "00005.jpg"):
+        Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "JPEGImages" / "clip" / name)
+    box = np.zeros((20, 30), np.uint8)
+    box[2:6, 3:9] = 1
+    flat = box.T.ravel().tolist()  # uncompressed RLE: column-major run lengths, zeros first
+    runs = [len(list(g)) for _, g in itertools.groupby(flat)]
+    rle = {"size": [20, 30], "counts": runs if flat[0] == 0 else [0, *runs]}
+    polygon = [[10.0, 10.0, 20.0, 10.0, 20.0, 15.0, 10.0, 15.0]]
+    meta = {"id": 7, "file_names": ["clip/00000.jpg", "clip/00005.jpg"], "height": 20, "width": 30}
+    data = {"videos": [meta], "annotations": [{"video_id": 7, "segmentations": [rle, polygon]}]}
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    cfg = load_config(
+        "ytvis", "ba", [f"dataset.root={tmp_path}", f"dataset.annotations={tmp_path / 'train.json'}"]
+    )
+    (clip,) = list_videos(cfg.dataset)
+    assert (clip.id, clip.name, clip.frames) == (
+        7,
+        "clip",
+        ("JPEGImages/clip/00000.jpg", "JPEGImages/clip/00005.jpg"),
+    )
+    gt = video_ground_truth(cfg.dataset, clip)
+    assert gt.shape == (2, 20, 30)
+    assert np.array_equal(gt[0] == 1, box.astype(bool))
+    assert gt[1, 11:15, 11:20].all() and not gt[1, :9].any()
 
 
 @pytest.fixture(scope="module")
