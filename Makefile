@@ -64,4 +64,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pipeline.bench
+	HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 $(PY) -m pipeline.bench
