@@ -45,16 +45,19 @@ class BackboneConfig:
     weights: str | None  # local checkpoint file; None = search the standard places
     device: str  # 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
     batch_size: int
+    precision: str  # 'float32' (the reference) or 'bfloat16' (autocast, for GPU throughput)
     random_init: bool  # tests and benchmarks only: never on by accident
 
     def validate(self, key: str) -> None:
-        from stages.backbone import ARCHS
+        from stages.backbone import ARCHS, PRECISIONS
 
         if self.arch != "auto" and self.arch not in ARCHS:
             _fail(f"{key}.arch", f"unknown backbone '{self.arch}'; choose 'auto' or one of {sorted(ARCHS)}")
         _positive(f"{key}.batch_size", self.batch_size)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             _fail(f"{key}.device", f"expected auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.precision not in PRECISIONS:
+            _fail(f"{key}.precision", f"expected one of {sorted(PRECISIONS)}, got '{self.precision}'")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ class RunError(RuntimeError):
 def load_backbone(cfg: Config) -> Backbone:
     """The frozen backbone of a config whose weights are resolved (``resolve_backbone``)."""
     b = cfg.backbone
-    return Backbone(b.arch, Path(b.weights) if b.weights else None, b.device, b.random_init, cfg.seed)
+    weights = Path(b.weights) if b.weights else None
+    return Backbone(b.arch, weights, b.device, b.random_init, cfg.seed, b.precision)
 
 
 def resolve_backbone(cfg: Config) -> Config:

@@ -19,6 +19,8 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# backbone.precision -> the autocast dtype of the forward pass (None: plain float32, as the reference runs)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,13 @@ class Backbone:
     """A frozen ViT that returns last-block features for batches of normalised images."""
 
     def __init__(
-        self, arch: str, weights: Path | None, device: str, random_init: bool = False, seed: int = 0
+        self,
+        arch: str,
+        weights: Path | None,
+        device: str,
+        random_init: bool = False,
+        seed: int = 0,
+        precision: str = "float32",
     ):
         if arch not in ARCHS:
             raise ValueError(f"unknown backbone '{arch}' (choose from {sorted(ARCHS)})")
@@ -231,6 +239,7 @@ class Backbone:
         self.patch = spec.patch
         self.family = spec.family
         self.device = resolve_device(device)
+        self.autocast = PRECISIONS[precision]
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @torch.inference_mode()
@@ -241,13 +250,20 @@ class Backbone:
         if height % self.patch or width % self.patch:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch}")
         grid = (height // self.patch, width // self.patch)
-        x = m.patch_embed.proj(images.to(self.device)).flatten(2).transpose(1, 2)
-        x = m.patch_embed.norm(x)
-        x = torch.cat([m.cls_token.expand(b, -1, -1), x], dim=1)
-        x = m.norm_pre(m.pos_drop(x + interpolate_pos_embed(m.pos_embed, grid)))
-        for block in m.blocks[:-1]:
-            x = block(x)
-        return self._last_block(x, grid, want)
+        on = self.autocast is not None
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=on):
+            x = m.patch_embed.proj(images.to(self.device)).flatten(2).transpose(1, 2)
+            x = m.patch_embed.norm(x)
+            x = torch.cat([m.cls_token.expand(b, -1, -1), x], dim=1)
+            x = m.norm_pre(m.pos_drop(x + interpolate_pos_embed(m.pos_embed, grid)))
+            for block in m.blocks[:-1]:
+                x = block(x)
+            feats = self._last_block(x, grid, want)
+        # Callers always get float32: the graphs and clusterings downstream are built in float32.
+        for name in ("keys", "queries", "values", "attention", "tokens"):
+            if getattr(feats, name) is not None:
+                setattr(feats, name, getattr(feats, name).float())
+        return feats
 
     def _last_block(self, x: torch.Tensor, grid: tuple[int, int], want: tuple[str, ...]) -> ViTFeatures:
         # Only the last block's qkv projection is needed for keys: its attention output and MLP are

@@ -117,6 +117,18 @@ def test_features_at_any_size_and_lean_keys_match_the_full_forward():
     assert torch.allclose(backbone(x).keys, seen["qkv"][..., 48:96], atol=1e-5)
 
 
+def test_bfloat16_precision_autocasts_and_returns_float32_close_to_the_float32_pass():
+    x = image_batch()
+    want = ("keys", "attention")
+    exact = Backbone(ARCH, None, "cpu", random_init=True)(x, want)
+    fast = Backbone(ARCH, None, "cpu", random_init=True, precision="bfloat16")(x, want)
+    assert fast.keys.dtype == fast.attention.dtype == torch.float32
+    assert not torch.equal(fast.keys, exact.keys)  # the pass really ran in bfloat16
+    cosine = torch.nn.functional.cosine_similarity(fast.keys, exact.keys, dim=-1)
+    assert cosine.min() > 0.99
+    assert torch.allclose(fast.attention, exact.attention, atol=2e-2)
+
+
 def test_random_init_is_explicit_and_reproducible():
     with pytest.raises(WeightsError):
         Backbone(ARCH, None, "cpu")

@@ -46,6 +46,7 @@ def test_overrides_are_typed():
         ("method.refine=blur", "method.refine"),
         ("backbone.batch_size=two", "backbone.batch_size"),
         ("backbone.arch=vit_giant", "backbone.arch"),
+        ("backbone.precision=float16", "backbone.precision"),
         ("refine.bilateral.confidence=1.5", "refine.bilateral.confidence"),
         ("method.graph.dino=null", "method.graph.dino"),
     ],
