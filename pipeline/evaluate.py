@@ -59,11 +59,11 @@ def top1_boxes(predictions: dict) -> dict[str, np.ndarray | None]:
     return out
 
 
-def evaluate_detector(model_dir: Path, cfg: Config) -> dict:
+def evaluate_detector(model_dir: Path, cfg: Config, gt: dict | None = None) -> dict:
     """Class-agnostic box and mask AP/AR (100 detections) and top-1-box CorLoc of a detector directory on
-    ``cfg.dataset``; predictions (resumable) and metrics are kept under model_dir/eval/<dataset>/."""
-
-    gt = ground_truth_coco(cfg.dataset)
+    ``cfg.dataset`` (``gt``: its ground_truth_coco, when the caller has it already); predictions
+    (resumable) and metrics are kept under model_dir/eval/<dataset>/."""
+    gt = gt if gt is not None else ground_truth_coco(cfg.dataset)
     if gt is None or not gt.get("annotations"):
         raise RunError(f"dataset '{cfg.dataset.name}' has no ground truth to evaluate against")
     out_dir = Path(model_dir) / "eval" / cfg.dataset.name

@@ -155,19 +155,18 @@ def run(cfg: Config) -> Path:
         weights = initial_weights(cfg, round_dir) if r == 0 else str(root / f"round{r - 1}" / det.WEIGHTS)
         train_round(cfg, r, round_dir, weights, f"selftrain-{root.name}-round{r}")
         summary = {"round": r, "labels_in": n_labels, **stats}
-        if has_ground_truth(cfg):
-            summary.update(evaluate_detector(round_dir, cfg))
+        summary.update(evaluate_round(cfg, round_dir))
         _write_metadata(cfg, r, round_dir)
         atomic_write_json(round_dir / SUMMARY, summary)
         print(_summary_line(summary), file=sys.stderr)
     return root / f"round{cfg.train.rounds - 1}"
 
 
-def has_ground_truth(cfg: Config) -> bool:
-    """Whether rounds can report AP: a dataset with annotations (used only for evaluation)."""
-    return cfg.dataset.kind != "imagefolder" and bool(
-        (ground_truth_coco(cfg.dataset) or {}).get("annotations")
-    )
+def evaluate_round(cfg: Config, round_dir: Path) -> dict:
+    """AP and CorLoc of a round's detector where the dataset has annotations (used only to evaluate), else
+    {}. The ground truth is built once here and dropped on return: for COCO it is large."""
+    gt = ground_truth_coco(cfg.dataset)
+    return evaluate_detector(round_dir, cfg, gt) if gt and gt.get("annotations") else {}
 
 
 def _write_metadata(cfg: Config, r: int, round_dir: Path) -> None:

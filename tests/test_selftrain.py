@@ -173,3 +173,25 @@ def test_dino_resnet50_converts_to_every_detectron2_backbone_weight(tmp_path):
         state["layer2.0.downsample.1.running_var"],
     )
     assert converted["backbone.bottom_up.res5.2.conv3.weight"].shape == d2["res5.2.conv3.weight"].shape
+
+
+def test_rounds_are_evaluated_only_where_there_is_ground_truth(images, trained, monkeypatch):
+    import dataclasses
+
+    from pipeline import selftrain
+    from pipeline.config import DatasetConfig
+    from stages import datasets
+
+    cfg, last = trained
+    assert selftrain.evaluate_round(cfg, last) == {}  # an image folder has nothing to evaluate against
+    # The round's own labels as ground truth: a COCO dataset over the same images.
+    coco = DatasetConfig("selftrain-gt", "coco", str(images), str(last / "labels.json"), None)
+    built = []
+    monkeypatch.setattr(
+        selftrain, "ground_truth_coco", lambda d: built.append(d) or datasets.ground_truth_coco(d)
+    )
+    metrics = selftrain.evaluate_round(dataclasses.replace(cfg, dataset=coco), last)
+    assert len(built) == 1  # built once per round, then handed to the evaluation
+    assert metrics["corloc"]["images"] == 6 and 0.0 <= metrics["corloc"]["corloc"] <= 1.0
+    assert set(metrics["ap"]) >= {"bbox", "segm"}
+    assert (last / "eval" / "selftrain-gt" / "metrics.json").is_file()
