@@ -235,7 +235,7 @@ def ray_scaling() -> list[str]:
         path = str(Path(tmp) / "keys.pt")
         torch.save(keys, path)
         rates = {1: 0.0, 2: 0.0}
-        for attempt in range(2):  # interleaved, best of two: background noise hits both alike
+        for attempt in range(3):  # interleaved, best of three: background noise hits both alike
             for workers in (1, 2):
                 out = Path(tmp) / f"{attempt}-{workers}"
                 out.mkdir()
