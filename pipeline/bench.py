@@ -163,7 +163,7 @@ def stages() -> list[str]:
     pixel_masks = to_pixels(images[0], work, masks, 8, "none", cfg.refine).masks
     export, _ = timed(lambda: [mask_annotation(m, 1) for m in pixel_masks], 3)
     discoverer = Discoverer(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
-    backbone_alone, end_to_end = timed_pair(lambda: backbone(x), lambda: discoverer(images[:1], 1), 3)
+    backbone_alone, end_to_end = timed_pair(lambda: backbone(x), lambda: discoverer(images[:1], 1), 5)
     lines = [
         f"backbone ViT-B/8 480x480 (random weights): lean keys-only pass {lean:.2f} s/img "
         f"({1 / lean:.2f} img/s) vs timm's full forward_features {full:.2f} s ({full / lean:.2f}x)",
