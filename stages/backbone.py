@@ -19,8 +19,8 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# backbone.precision -> the autocast dtype of the forward pass (None: plain float32, as the reference runs)
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+# backbone.precision -> dtype of the forward pass; other than float32 (the reference) it runs under autocast
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ class Backbone:
         self.patch = spec.patch
         self.family = spec.family
         self.device = resolve_device(device)
-        self.autocast = PRECISIONS[precision]
+        self.dtype = PRECISIONS[precision]
         self.model = model.eval().requires_grad_(False).to(self.device)
 
     @torch.inference_mode()
@@ -252,8 +252,7 @@ class Backbone:
         if height % self.patch or width % self.patch:
             raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch}")
         grid = (height // self.patch, width // self.patch)
-        on = self.autocast is not None
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=on):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             x = m.patch_embed.proj(images.to(self.device)).flatten(2).transpose(1, 2)
             x = m.patch_embed.norm(x)
             x = torch.cat([m.cls_token.expand(b, -1, -1), x], dim=1)
