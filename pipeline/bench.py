@@ -8,11 +8,13 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
              discovery, CRF, export; end to end vs the backbone alone
   ray        discovery on precomputed features with 1 and 2 Ray workers
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
+  merge      the pseudo-label merge at ImageNet-1k size (1.28 M images, 2-3 masks each): time, peak memory
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -186,17 +188,19 @@ def stages() -> list[str]:
 def _ray_factory(path: str):
     """A Ray worker: loads the keys and the method once, then times discovery on its shard's images."""
     from pipeline.config import load_config
+    from pipeline.driver import ShardOutput
     from stages.discover import find_objects
 
     keys = torch.load(path, weights_only=True)
     method = load_config("demo", "maskcut").method
     find_objects(keys[0], (60, 60), method, "dino")  # warm-up: first-call allocations are not throughput
 
-    def work(index: int, items: list[int]) -> dict:
+    def work(index: int, items: list[int]) -> ShardOutput:
         start = time.time()
         for i in items:
             find_objects(keys[i], (60, 60), method, "dino")
-        return {"start": start, "end": time.time(), "images": len(items), "worker": os.getpid()}
+        stamps = {"start": start, "end": time.time(), "images": len(items), "worker": os.getpid()}
+        return ShardOutput({}, stats=stamps)
 
     return work
 
@@ -222,7 +226,7 @@ def ray_scaling() -> list[str]:
     import ray
 
     from pipeline.bench_ncut import planted_keys
-    from pipeline.ray_runner import run_shards
+    from pipeline.driver import ShardedStage, run_shards
 
     rng = np.random.default_rng(0)
     keys = torch.stack(
@@ -240,16 +244,11 @@ def ray_scaling() -> list[str]:
                 out = Path(tmp) / f"{attempt}-{workers}"
                 out.mkdir()
                 shards = [[i % 4 for i in range(j, j + 4)] for j in range(0, 64, 4)]
-                report = run_shards(
-                    functools.partial(_ray_factory, path),
-                    shards,
-                    lambda i, out=out: out / f"{i}.json",
-                    workers,
-                    1,
-                    False,
-                    f"{workers} worker(s)",
+                stage = ShardedStage(
+                    f"{workers} worker(s)", shards, functools.partial(_ray_factory, path), out
                 )
-                rate = _steady_rate(report.summaries)
+                report = run_shards(stage, workers, 1, False, retries=0)
+                rate = _steady_rate(report.stats)
                 rates[workers] = max(rates[workers], rate)
         lines.append(
             f"discovery on precomputed features (MaskCut N=3, 60x60, 1 torch thread per worker, while all "
@@ -258,6 +257,76 @@ def ray_scaling() -> list[str]:
         )
     ray.shutdown()
     return lines
+
+
+def _mask_pool(n: int, size: tuple[int, int], rng: np.random.Generator) -> list[dict]:
+    """``n`` realistic object masks as annotations (RLE, area, box): blobs with ragged outlines covering
+    5-60% of the image, encoded once so that simulated shards cost no encoding."""
+    from stages.export import mask_annotation
+
+    height, width = size
+    yy, xx = np.mgrid[:height, :width]
+    pool = []
+    for _ in range(n):
+        cy, cx = rng.uniform(0.25, 0.75) * height, rng.uniform(0.25, 0.75) * width
+        radius = rng.uniform(0.12, 0.45) * min(height, width)
+        angle = np.arctan2(yy - cy, xx - cx)
+        wobble = sum(rng.uniform(0, 0.15) * np.sin(k * angle + rng.uniform(0, 6.3)) for k in range(2, 9))
+        pool.append(mask_annotation(np.hypot(yy - cy, xx - cx) < radius * (1 + wobble), 0))
+    return pool
+
+
+def merge() -> list[str]:
+    """The pseudo-label merge at ImageNet-1k size: 1,281,167 images (500x375) in shards of 16, 2-3 masks
+    each. Shards are simulated from a pool of encoded masks; each is validated as the driver does when it
+    writes one (timed apart), then merge_coco streams them into one COCO file."""
+    from pipeline.driver import SHARD_FORMAT, ShardedStage, merge_coco
+    from stages.datasets import ImageRecord
+    from stages.export import validate_shard
+
+    n_images, shard_size, size = 1_281_167, 16, (375, 500)
+    rng = np.random.default_rng(0)
+    pool = _mask_pool(200, size, rng)
+    records = [
+        ImageRecord(
+            i + 1, f"train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG", f"/data/imagenet/train/{i}.JPEG"
+        )
+        for i in range(n_images)
+    ]
+    shards = [records[i : i + shard_size] for i in range(0, n_images, shard_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = ShardedStage("merge", shards, factory=None, shard_dir=Path(tmp) / "shards")
+        stage.shard_dir.mkdir()
+        validate_s, masks = 0.0, 0
+        for i, shard in enumerate(shards):
+            images, annotations = [], []
+            for rec in shard:
+                images.append({"id": rec.id, "file_name": rec.file_name, "width": size[1], "height": size[0]})
+                for k in rng.integers(0, len(pool), int(rng.integers(2, 4))):
+                    annotations.append({**pool[k], "image_id": rec.id})
+            data = {"images": images, "annotations": annotations, "failures": []}
+            start = time.perf_counter()
+            validate_shard(data)
+            validate_s += time.perf_counter() - start
+            masks += len(annotations)
+            with open(stage.shard_file(i), "w") as f:  # as the driver writes it (less the fsync)
+                f.write(json.dumps({"format": SHARD_FORMAT, **data}))
+        on_disk = sum(p.stat().st_size for p in stage.shard_dir.iterdir())
+        before = _peak_rss_mb()
+        start = time.perf_counter()
+        counts = merge_coco(stage, Path(tmp) / "pseudolabels.json", Path(tmp) / "failures.jsonl")
+        seconds = time.perf_counter() - start
+        out_mb = (Path(tmp) / "pseudolabels.json").stat().st_size / 2**20
+    rle_chars = np.mean([len(a["segmentation"]["counts"]) for a in pool])
+    return [
+        f"{len(shards)} shards of {shard_size} images ({n_images} images, {masks} masks of 500x375, "
+        f"RLE {rle_chars:.0f} chars on average; {on_disk / 2**30:.2f} GB of shard files)",
+        f"validation when each shard is written (in the driver, during the run): {validate_s:.0f} s in all, "
+        f"{1000 * validate_s / len(shards):.2f} ms per shard",
+        f"merge into one COCO file ({counts['annotations']} annotations, {out_mb / 1024:.2f} GB): "
+        f"{seconds:.0f} s; peak RSS {_peak_rss_mb():.0f} MB (before the merge, with the image list: "
+        f"{before:.0f} MB)",
+    ]
 
 
 def detector() -> list[str]:
@@ -333,7 +402,13 @@ def _training_batch(images: list[np.ndarray], size: int, batch: int) -> list[dic
     return out
 
 
-SECTIONS = {"discovery": discovery, "stages": stages, "ray": ray_scaling, "detector": detector}
+SECTIONS = {
+    "discovery": discovery,
+    "stages": stages,
+    "ray": ray_scaling,
+    "detector": detector,
+    "merge": merge,
+}
 
 
 def _child(name: str, queue) -> None:

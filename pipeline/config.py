@@ -237,11 +237,12 @@ class RunConfig:
     object_store_mb: int
     overlays: int  # write PNG overlays for the first this-many images
     max_patches: int  # images whose patch grid is larger are skipped as 'huge'
+    shard_retries: int  # times a shard whose worker process died is run again on another actor
 
     def validate(self, key: str) -> None:
         for name in ("shard_size", "threads_per_worker", "object_store_mb", "max_patches"):
             _positive(f"{key}.{name}", getattr(self, name))
-        for name in ("workers", "overlays"):
+        for name in ("workers", "overlays", "shard_retries"):
             if getattr(self, name) < 0:
                 _fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 

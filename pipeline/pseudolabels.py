@@ -7,28 +7,54 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.ray_runner import run_configured
-from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, shard_records, write_jsonl
+from pipeline.config import BackboneConfig, Config, MethodConfig, RefineConfig
+from pipeline.driver import ShardedStage, ShardOutput, merge_coco, run_stage
+from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, shard_records
 from stages.datasets import ImageRecord, list_images
 from stages.discover import Discoverer, run_shard
-from stages.export import coco_file, write_coco
-from stages.io import atomic_write_json, read_json
+from stages.export import validate_shard
+from stages.io import atomic_write_json
 
 OUTPUT = "pseudolabels.json"
+OVERLAYS = "overlays"
 
 
-def make_worker(cfg: Config, run_dir: RunDir, overlay_ids: frozenset[int]):
-    """Built inside each Ray actor: loads the backbone once, then runs shards."""
-    discoverer = Discoverer(load_backbone(cfg), cfg.method, cfg.refine, cfg.run.max_patches)
+def make_worker(
+    backbone: BackboneConfig,
+    seed: int,
+    method: MethodConfig,
+    refine: RefineConfig,
+    max_patches: int,
+    overlay_ids: frozenset[int],
+):
+    """Built inside each Ray actor: loads the backbone once, then runs shards. It gets no output path: its
+    results (shard data, overlay PNGs) go back to the driver."""
+    discoverer = Discoverer(load_backbone(backbone, seed), method, refine, max_patches)
 
-    def work(index: int, records: list[ImageRecord]) -> dict:
-        wanted = [r for r in records if r.id in overlay_ids]
-        overlays = run_dir.path / "overlays" if wanted else None
-        batch = cfg.backbone.batch_size
-        return run_shard(discoverer, records, run_dir.shard_file(index), batch, overlays, wanted)
+    def work(index: int, records: list[ImageRecord]) -> ShardOutput:
+        start = time.perf_counter()
+        data, overlays = run_shard(discoverer, records, backbone.batch_size, overlay_ids)
+        files = {f"{OVERLAYS}/{name}": png for name, png in overlays.items()}
+        return ShardOutput(data, files, {"images": len(records), "seconds": time.perf_counter() - start})
 
     return work
+
+
+def image_stage(cfg: Config, run_dir: RunDir, records: list[ImageRecord]) -> ShardedStage:
+    """The discovery stage of ``cfg`` over ``records``, writing into ``run_dir``."""
+    overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
+    factory = functools.partial(
+        make_worker, cfg.backbone, cfg.seed, cfg.method, cfg.refine, cfg.run.max_patches, overlay_ids
+    )
+    return ShardedStage(
+        name=cfg.method.name,
+        shards=shard_records(records, cfg.run.shard_size),
+        factory=factory,
+        shard_dir=run_dir.shards,
+        files_dir=run_dir.path,
+        check=validate_shard,
+        item_name=lambda r: r.file_name,
+    )
 
 
 def run(cfg: Config) -> Path:
@@ -43,44 +69,23 @@ def run(cfg: Config) -> Path:
         raise RunError(f"dataset '{cfg.dataset.name}' has no images under {cfg.dataset.root}")
     run_dir = RunDir.for_config(cfg, "pseudolabels")
     run_dir.start(cfg, records)
-    shards = shard_records(records, cfg.run.shard_size)
+    stage = image_stage(cfg, run_dir, records)
     print(
-        f"{cfg.method.name} on {cfg.dataset.name}: {len(records)} images, {len(shards)} shards, "
+        f"{cfg.method.name} on {cfg.dataset.name}: {len(records)} images, {len(stage.shards)} shards, "
         f"backbone {cfg.backbone.arch} -> {run_dir.path}",
         file=sys.stderr,
     )
     start = time.perf_counter()
-    overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
-    factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
-    device = cfg.backbone.device
-    report = run_configured(cfg.run, device, factory, shards, run_dir.shard_file, cfg.method.name)
-    if report.failed:
-        raise RunError(
-            f"{len(report.failed)} of {len(shards)} shards failed ({report.done} finished now, kept in "
-            f"{run_dir.shards}); fix the cause and re-run to do only the rest. First error: "
-            f"{next(iter(report.failed.values()))}"
-        )
-    return merge(run_dir, len(shards), time.perf_counter() - start)
+    run_stage(stage, cfg.run, cfg.backbone.device)
+    return merge(stage, run_dir, time.perf_counter() - start)
 
 
-def merge(run_dir: RunDir, n_shards: int, seconds: float) -> Path:
-    """Merge the shard files into one validated COCO file, failures.jsonl and summary.json."""
-    images, annotations, failures = [], [], []
-    for i in range(n_shards):
-        shard = read_json(run_dir.shard_file(i))
-        images += shard["images"]
-        annotations += shard["annotations"]
-        failures += shard["failures"]
+def merge(stage: ShardedStage, run_dir: RunDir, seconds: float) -> Path:
+    """Merge the shard files into one COCO file (streamed), failures.jsonl and summary.json."""
     out = run_dir.path / OUTPUT
-    write_coco(out, coco_file(images, annotations))
-    write_jsonl(run_dir.path / "failures.jsonl", failures)
-    summary = {
-        "images": len(images) + len(failures),
-        "labelled": len(images),
-        "failed": len(failures),
-        "annotations": len(annotations),
-        "seconds": round(seconds, 2),
-    }
+    counts = merge_coco(stage, out, run_dir.path / "failures.jsonl")
+    failures = counts.pop("failures")
+    summary = {**counts, "seconds": round(seconds, 2)}
     atomic_write_json(run_dir.path / "summary.json", summary)
     print(
         f"{summary['images']} images: {summary['annotations']} masks on {summary['labelled']}, "

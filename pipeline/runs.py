@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, replace, save_config
+from pipeline.config import BackboneConfig, Config, replace, save_config
 from stages.backbone import ARCHS, Backbone, WeightsError, find_weights, missing_weights_message
 from stages.datasets import ImageRecord, resolve
 from stages.io import atomic_write_json, read_json
@@ -38,6 +38,7 @@ EXECUTION_KEYS = (
     "run.ray_address",
     "run.object_store_mb",
     "run.overlays",
+    "run.shard_retries",
     "train.rounds",  # more rounds extend a run; earlier rounds stay valid
     "train.num_gpus",
     "correlator.steps",  # more steps extend a training run
@@ -49,11 +50,10 @@ class RunError(RuntimeError):
     """A run that cannot start or continue, with what to do about it."""
 
 
-def load_backbone(cfg: Config) -> Backbone:
-    """The frozen backbone of a config whose weights are resolved (``resolve_backbone``)."""
-    b = cfg.backbone
+def load_backbone(b: BackboneConfig, seed: int) -> Backbone:
+    """The frozen backbone of a config section whose weights are resolved (``resolve_backbone``)."""
     weights = Path(b.weights) if b.weights else None
-    return Backbone(b.arch, weights, b.device, b.random_init, cfg.seed, b.precision)
+    return Backbone(b.arch, weights, b.device, b.random_init, seed, b.precision)
 
 
 def resolve_backbone(cfg: Config) -> Config:
@@ -93,9 +93,6 @@ class RunDir:
     @property
     def shards(self) -> Path:
         return self.path / "shards"
-
-    def shard_file(self, index: int) -> Path:
-        return self.shards / f"shard-{index:05d}.json"
 
     def start(self, cfg: Config, records: list[ImageRecord]) -> None:
         """Create the directory with the resolved config; refuse to mix image lists in one run."""

@@ -26,7 +26,7 @@ from stages import train
 from stages.backbone import resolve_device
 from stages.datasets import ground_truth_coco, list_images, resolve
 from stages.export import coco_file, write_coco
-from stages.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from stages.io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from stages.relabel import merge_labels
 
 LABELS = "labels.json"
@@ -139,7 +139,7 @@ def run(cfg: Config) -> Path:
         stats = {}
         if not (round_dir / LABELS).exists():
             if r == 0:
-                write_coco(round_dir / LABELS, read_json(labels0))
+                atomic_copy(labels0, round_dir / LABELS)  # validated when written; may be larger than memory
             else:
                 previous = root / f"round{r - 1}"
                 preds = predict(previous, records, round_dir / "relabel", cfg.train.detections_per_image, cfg)

@@ -11,14 +11,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, replace, save_config
-from pipeline.ray_runner import run_configured
+from pipeline.config import BackboneConfig, BAConfig, Config, CorrelatorConfig, replace, save_config
+from pipeline.driver import ShardedStage, ShardOutput, iter_shards, run_stage
 from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, write_jsonl
 from stages import correlator as corr
-from stages.ba import VideoDiscoverer, frame_input_size, load_correlator, run_video
+from stages import rle
+from stages.ba import VideoDiscoverer, frame_input_size, load_correlator, run_video, validate_video_shard
 from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
-from stages.export import coco_file, write_coco
-from stages.io import atomic_write_json, load_rgb, read_json
+from stages.export import CocoWriter
+from stages.io import JsonListsWriter, atomic_write_json, load_rgb, read_json
 from stages.video_metrics import davis_jf, fg_ari, miou_hungarian
 from stages.videos import frame_records, list_videos, video_ground_truth
 
@@ -93,7 +94,7 @@ def train_correlator(cfg: Config) -> Path:
     run_dir.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir.path / "config.yaml")
     checkpoint = run_dir.path / CHECKPOINT
-    backbone = load_backbone(cfg)
+    backbone = load_backbone(cfg.backbone, cfg.seed)
     c = cfg.correlator
     model = corr.TemporalCorrelator(backbone.model.embed_dim, c.heads, c.mlp_ratio, c.clip_len).to(
         backbone.device
@@ -130,20 +131,29 @@ def train_correlator(cfg: Config) -> Path:
 # BA pseudo-labels
 
 
-def make_worker(cfg: Config, run_dir: RunDir, overlay_ids: frozenset[int]):
-    """Built inside each Ray actor: backbone and correlator are loaded once."""
-    backbone = load_backbone(cfg)
+def make_worker(
+    backbone_cfg: BackboneConfig,
+    seed: int,
+    correlator_cfg: CorrelatorConfig,
+    method: BAConfig,
+    overlay_ids: frozenset[int],
+):
+    """Built inside each Ray actor: backbone and correlator are loaded once. It gets no output path: its
+    results (tracks, overlay GIFs) go back to the driver."""
+    backbone = load_backbone(backbone_cfg, seed)
     correlator = None
-    if cfg.correlator.checkpoint:
+    if correlator_cfg.checkpoint:
         correlator = load_correlator(
-            Path(cfg.correlator.checkpoint), backbone.model.embed_dim, cfg.correlator, backbone.device
+            Path(correlator_cfg.checkpoint), backbone.model.embed_dim, correlator_cfg, backbone.device
         )
-    discoverer = VideoDiscoverer(backbone, correlator, cfg.method, cfg.backbone.batch_size)
+    discoverer = VideoDiscoverer(backbone, correlator, method, backbone_cfg.batch_size)
 
-    def work(index: int, videos: list) -> dict:
+    def work(index: int, videos: list) -> ShardOutput:
         (video,) = videos
-        overlay = run_dir.path / "overlays" / f"{video.name}.gif" if video.id in overlay_ids else None
-        return run_video(discoverer, video, run_dir.shard_file(index), overlay)
+        start = time.perf_counter()
+        data, gif = run_video(discoverer, video, video.id in overlay_ids)
+        files = {f"overlays/{video.name}.gif": gif} if gif is not None else {}
+        return ShardOutput(data, files, {"frames": len(video.frames), "seconds": time.perf_counter() - start})
 
     return work
 
@@ -154,40 +164,45 @@ def run(cfg: Config) -> Path:
     cfg = resolve_correlator(resolve_backbone(cfg))
     videos = list_videos(cfg.dataset)
     run_dir = RunDir.for_config(cfg, "pseudolabels")
-    run_dir.start(cfg, frame_records(cfg.dataset))
+    frames = frame_records(cfg.dataset)
+    run_dir.start(cfg, frames)
     print(
         f"BA on {cfg.dataset.name}: {len(videos)} videos, correlator "
         f"{cfg.correlator.checkpoint or 'none (frozen ViT attention)'} -> {run_dir.path}",
         file=sys.stderr,
     )
     start = time.perf_counter()
-    shards = [[v] for v in videos]
     overlay_ids = frozenset(v.id for v in videos[: cfg.run.overlays])
-    factory = functools.partial(make_worker, cfg, run_dir, overlay_ids)
-    size = lambda v: len(v.frames)  # noqa: E731
-    report = run_configured(cfg.run, cfg.backbone.device, factory, shards, run_dir.shard_file, "ba", size)
-    if report.failed:
-        raise RunError(
-            f"{len(report.failed)} videos failed (finished ones are kept; re-run to retry): "
-            f"{next(iter(report.failed.values()))}"
-        )
-    return merge(cfg, run_dir, len(shards), time.perf_counter() - start)
+    stage = ShardedStage(
+        name="ba",
+        shards=[[v] for v in videos],
+        factory=functools.partial(
+            make_worker, cfg.backbone, cfg.seed, cfg.correlator, cfg.method, overlay_ids
+        ),
+        shard_dir=run_dir.shards,
+        files_dir=run_dir.path,
+        check=validate_video_shard,
+        size=lambda v: len(v.frames),
+        item_name=lambda v: f"video {v.name}",
+    )
+    run_stage(stage, cfg.run, cfg.backbone.device)
+    return merge(stage, run_dir, {r.file_name: r.id for r in frames}, time.perf_counter() - start)
 
 
-def merge(cfg: Config, run_dir: RunDir, n_shards: int, seconds: float) -> Path:
-    frame_ids = {r.file_name: r.id for r in frame_records(cfg.dataset)}
-    videos, tracks, images, annotations, failures = [], [], [], [], []
-    for i in range(n_shards):
-        shard = read_json(run_dir.shard_file(i))
-        failures += shard["failures"]
-        video = shard["video"]
-        if video is None:
-            continue
-        videos.append(
-            {k: video[k] for k in ("id", "file_names", "width", "height")} | {"name": video["name"]}
-        )
-        for name in video["file_names"]:
-            images.append(
+def merge(stage: ShardedStage, run_dir: RunDir, frame_ids: dict[str, int], seconds: float) -> Path:
+    """Stream the video shards into ytvis.json (a track per annotation, a segmentation per frame) and a
+    per-frame COCO pseudolabels.json (frames as images), plus failures.jsonl and summary.json; memory
+    holds one video at a time."""
+    out = run_dir.path / OUTPUT
+    failures = []
+    with CocoWriter(out) as coco, JsonListsWriter(run_dir.path / TRACKS, ("videos", "annotations")) as ytvis:
+        for shard in iter_shards(stage):
+            failures += shard["failures"]
+            video = shard["video"]
+            if video is None:
+                continue
+            ytvis.add("videos", [{k: video[k] for k in ("id", "file_names", "width", "height", "name")}])
+            images = [
                 {
                     "id": frame_ids[name],
                     "file_name": name,
@@ -195,32 +210,34 @@ def merge(cfg: Config, run_dir: RunDir, n_shards: int, seconds: float) -> Path:
                     "height": video["height"],
                     "video_id": video["id"],
                 }
-            )
-        for track in shard["tracks"]:
-            tracks.append(
-                {
-                    "id": len(tracks) + 1,
-                    "video_id": video["id"],
-                    "category_id": 1,
-                    "iscrowd": 0,
-                    "segmentations": track["segmentations"],
-                }
-            )
-            for name, seg in zip(video["file_names"], track["segmentations"], strict=True):
-                if seg is not None:
-                    annotations.append(_frame_annotation(seg, frame_ids[name], video["id"], len(tracks)))
-    out = run_dir.path / OUTPUT
-    write_coco(out, coco_file(images, annotations))
-    atomic_write_json(
-        run_dir.path / TRACKS,
-        {"videos": videos, "annotations": tracks, "categories": [{"id": 1, "name": "fg"}]},
-    )
+                for name in video["file_names"]
+            ]
+            tracks, annotations = [], []
+            for track in shard["tracks"]:
+                track_id = ytvis.counts["annotations"] + len(tracks) + 1
+                tracks.append(
+                    {
+                        "id": track_id,
+                        "video_id": video["id"],
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentations": track["segmentations"],
+                    }
+                )
+                for name, seg in zip(video["file_names"], track["segmentations"], strict=True):
+                    if seg is not None:
+                        annotations.append((seg, frame_ids[name], video["id"], track_id))
+            coco.add(images, _frame_annotations(annotations))
+            ytvis.add("annotations", tracks)
+        coco.commit()
+        ytvis.commit({"categories": [{"id": 1, "name": "fg"}]})
+        n_videos, n_tracks, n_masks = ytvis.counts["videos"], ytvis.counts["annotations"], coco.n_annotations
     write_jsonl(run_dir.path / "failures.jsonl", failures)
     summary = {
-        "videos": len(videos) + len(failures),
+        "videos": n_videos + len(failures),
         "failed": len(failures),
-        "tracks": len(tracks),
-        "frame_masks": len(annotations),
+        "tracks": n_tracks,
+        "frame_masks": n_masks,
         "seconds": round(seconds, 2),
     }
     atomic_write_json(run_dir.path / "summary.json", summary)
@@ -231,20 +248,25 @@ def merge(cfg: Config, run_dir: RunDir, n_shards: int, seconds: float) -> Path:
     return out
 
 
-def _frame_annotation(rle: dict, image_id: int, video_id: int, track_id: int) -> dict:
-    from pycocotools import mask as mask_utils
-
-    coded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return {
-        "image_id": image_id,
-        "category_id": 1,
-        "iscrowd": 0,
-        "segmentation": rle,
-        "area": int(mask_utils.area(coded)),
-        "bbox": [float(v) for v in mask_utils.toBbox(coded)],
-        "video_id": video_id,
-        "track_id": track_id,
-    }
+def _frame_annotations(masks: list[tuple[dict, int, int, int]]) -> list[dict]:
+    """Per-frame COCO annotations of (RLE, image id, video id, track id) tuples, areas and boxes from the
+    RLEs."""
+    segs = [seg for seg, *_ in masks]
+    return [
+        {
+            "image_id": image_id,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": seg,
+            "area": int(area),
+            "bbox": [float(v) for v in box],
+            "video_id": video_id,
+            "track_id": track_id,
+        }
+        for (seg, image_id, video_id, track_id), area, box in zip(
+            masks, rle.area(segs), rle.to_bbox(segs), strict=True
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,15 +275,11 @@ def _frame_annotation(rle: dict, image_id: int, video_id: int, track_id: int) ->
 
 def predicted_ids(tracks: dict, video_id: int, shape: tuple[int, int, int]) -> np.ndarray:
     """(T, H, W) predicted track ids of one video from ytvis.json (later tracks win on overlap)."""
-    from pycocotools import mask as mask_utils
-
     ids = np.zeros(shape, np.int64)
     for k, track in enumerate((a for a in tracks["annotations"] if a["video_id"] == video_id), start=1):
         for t, seg in enumerate(track["segmentations"]):
             if seg is not None:
-                ids[t][
-                    mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode("ascii")}) > 0
-                ] = k
+                ids[t][rle.decode(seg)] = k
     return ids
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from stages.correlator import (
     load_checkpoint,
 )
 from stages.export import encode_mask
-from stages.io import BadImage, atomic_write_bytes, atomic_write_json, load_rgb
+from stages.io import BadImage, load_rgb
 from stages.videos import VideoRecord
 
 Attend = Callable[[Sequence[int]], torch.Tensor]  # query frames -> (len * n, K * n) attention rows
@@ -100,28 +99,30 @@ class VideoDiscoverer:
         keys, queries, grid = self.tokens(frames)
         tracks = ba_tracks(self.attention(keys, queries), len(frames), grid, self.cfg).cpu().numpy()
         height, width = frames[0].shape[:2]
-        return np.stack(
-            [
-                np.array(Image.fromarray(t.astype(np.uint8)).resize((width, height), Image.NEAREST))
-                for t in tracks
-            ]
-        ).astype(np.int64)
+        return np.stack([resize_ids(t, height, width) for t in tracks])
+
+
+def resize_ids(ids: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(h, w) integer ids -> (height, width) int64 ids, nearest neighbour. Resized as 32-bit integers: an
+    8-bit image would wrap ids from 256 on (track 256 would become background, 257 track 1)."""
+    if ids.min(initial=0) < 0 or ids.max(initial=0) > np.iinfo(np.int32).max:
+        raise ValueError(f"ids must be in [0, 2**31), got [{ids.min()}, {ids.max()}]")
+    image = Image.fromarray(ids.astype(np.int32))  # mode "I"
+    return np.asarray(image.resize((width, height), Image.NEAREST)).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage I/O: one video per shard
 
 
-def run_video(discoverer: VideoDiscoverer, video: VideoRecord, out_path: Path, overlay: Path | None) -> dict:
-    """Tracks of one video, written atomically as its shard file; an unreadable frame fails the video
-    (recorded with the frame's name), not the run."""
-    start = time.perf_counter()
+def run_video(discoverer: VideoDiscoverer, video: VideoRecord, overlay: bool) -> tuple[dict, bytes | None]:
+    """Tracks of one video: returns the shard's data ({"video", "tracks", "failures"}, JSON-ready) and, when
+    ``overlay``, an animated GIF of them. An unreadable frame fails the video (recorded with the frame's
+    name), not the run. Writes nothing."""
     try:
         frames = [load_rgb(Path(video.root) / f) for f in video.frames]
     except BadImage as e:
-        failure = {"video": video.name, "reason": str(e)}
-        atomic_write_json(out_path, {"video": None, "tracks": [], "failures": [failure]})
-        return {"frames": len(video.frames), "tracks": 0, "failures": 1}
+        return {"video": None, "tracks": [], "failures": [{"video": video.name, "reason": str(e)}]}, None
     if len({f.shape for f in frames}) > 1:
         frames = [np.array(Image.fromarray(f).resize(frames[0].shape[1::-1])) for f in frames]
     ids = discoverer(frames)
@@ -137,13 +138,29 @@ def run_video(discoverer: VideoDiscoverer, video: VideoRecord, out_path: Path, o
         "width": width,
         "height": height,
     }
-    atomic_write_json(out_path, {"video": meta, "tracks": tracks, "failures": []})
-    if overlay is not None:
-        write_gif(overlay, frames, ids)
-    return {"frames": len(frames), "tracks": len(tracks), "seconds": time.perf_counter() - start}
+    data = {"video": meta, "tracks": tracks, "failures": []}
+    return data, gif(frames, ids) if overlay else None
 
 
-def write_gif(path: Path, frames: list[np.ndarray], ids: np.ndarray, max_width: int = 480) -> None:
+def validate_video_shard(shard: dict) -> None:
+    """A BA shard before it is written: every track has one segmentation (or None) per frame, each an RLE
+    of the video's size with str counts. Raises ValueError naming the video and the track."""
+    video = shard["video"]
+    if video is None:
+        return
+    size = [video["height"], video["width"]]
+    for track in shard["tracks"]:
+        where = f"video '{video['name']}', track {track['track_id']}"
+        if len(track["segmentations"]) != len(video["file_names"]):
+            raise ValueError(
+                f"{where}: {len(track['segmentations'])} masks for {len(video['file_names'])} frames"
+            )
+        for seg in track["segmentations"]:
+            if seg is not None and (list(seg["size"]) != size or not isinstance(seg["counts"], str)):
+                raise ValueError(f"{where}: a mask is not an RLE of size {size} with str counts")
+
+
+def gif(frames: list[np.ndarray], ids: np.ndarray, max_width: int = 480) -> bytes:
     """An animated GIF of the frames with each track in its own colour, for a quick look."""
     colours = np.random.default_rng(0).integers(40, 255, (int(ids.max()) + 1, 3))
     colours[0] = 0
@@ -155,4 +172,4 @@ def write_gif(path: Path, frames: list[np.ndarray], ids: np.ndarray, max_width: 
         shown.append(Image.fromarray(blend.astype(np.uint8)).resize(size))
     out = io.BytesIO()
     shown[0].save(out, format="GIF", save_all=True, append_images=shown[1:], duration=200, loop=0)
-    atomic_write_bytes(path, out.getvalue())
+    return out.getvalue()

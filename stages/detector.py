@@ -6,7 +6,6 @@ and ``metadata.json`` (which data, method, round and commit made it).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from stages.backbone import resolve_device
 from stages.datasets import ImageRecord
 from stages.export import mask_annotation
-from stages.io import BadImage, atomic_write_json, load_rgb
+from stages.io import BadImage, load_rgb
 
 WEIGHTS = "model_final.pth"
 CONFIG = "config.yaml"
@@ -73,10 +72,10 @@ def load_detector(model_dir: str | Path, device: str = "auto", max_detections: i
     return Detector(detector_cfg(Path(model_dir), device), max_detections)
 
 
-def run_shard(detector: Detector, records: list[ImageRecord], out_path: Path) -> dict:
-    """Detect objects in one shard of images; writes the shard file (scored COCO annotations, each with the
-    detector's own box as ``det_bbox``) atomically. Unreadable images are recorded, not raised."""
-    start = time.perf_counter()
+def run_shard(detector: Detector, records: list[ImageRecord]) -> dict:
+    """Detect objects in one shard of images: returns the shard's data ({"images", "annotations",
+    "failures"}, JSON-ready; scored COCO annotations, each with the detector's own box as ``det_bbox``).
+    Unreadable images are recorded, not raised. Writes nothing."""
     images, annotations, failures = [], [], []
     for rec in records:
         try:
@@ -94,5 +93,4 @@ def run_shard(detector: Detector, records: list[ImageRecord], out_path: Path) ->
                 annotations.append(
                     {**mask_annotation(mask, rec.id, score), "det_bbox": [x0, y0, x1 - x0, y1 - y0]}
                 )
-    atomic_write_json(out_path, {"images": images, "annotations": annotations, "failures": failures})
-    return {"images": len(records), "annotations": len(annotations), "seconds": time.perf_counter() - start}
+    return {"images": images, "annotations": annotations, "failures": failures}

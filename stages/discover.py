@@ -1,13 +1,13 @@
 """The image pseudo-label stage: backbone keys -> discovery method -> refinement -> COCO annotations.
 
 The methods themselves live in stages/maskcut.py, tokencut.py and lost.py; this module maps their patch
-masks back to pixels and does the stage's I/O (one shard of images in, one shard file out).
+masks back to pixels and runs one shard of images (paths in, JSON-ready records out; the pipeline's driver
+writes them).
 """
 
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from pipeline.config import MethodConfig, RefineConfig
 from stages.backbone import Backbone, input_size, network_image, prepare_image
 from stages.datasets import ImageRecord
 from stages.export import mask_annotation
-from stages.io import BadImage, atomic_write_bytes, atomic_write_json, load_rgb
+from stages.io import BadImage, load_rgb
 from stages.lost import lost
 from stages.maskcut import maskcut
 from stages.ncut import patch_box
@@ -148,18 +148,15 @@ class Discoverer:
 def run_shard(
     discoverer: Discoverer,
     records: list[ImageRecord],
-    out_path: Path,
     batch_size: int,
-    overlay_dir: Path | None = None,
-    overlay_records: list[ImageRecord] = (),
-) -> dict:
-    """Discover objects in one shard of images and write the shard file atomically.
+    overlay_ids: frozenset[int] = frozenset(),
+) -> tuple[dict, dict[str, bytes]]:
+    """Discover objects in one shard of images: returns the shard's data ({"images", "annotations",
+    "failures"}, JSON-ready) and PNG overlays (file name -> bytes) of the images whose id is in
+    ``overlay_ids``. Writes nothing.
 
-    Bad images (unreadable, truncated, tiny, huge) are recorded with their reason, not raised. Images in
-    ``overlay_records`` also get a PNG overlay in ``overlay_dir``.
-    Returns a small summary (the shard file holds the annotations).
+    Bad images (unreadable, truncated, tiny, huge) are recorded with their reason, not raised.
     """
-    start = time.perf_counter()
     good, rgbs, failures = [], [], []
     for rec in records:
         try:
@@ -170,7 +167,7 @@ def run_shard(
             continue
         good.append(rec)
         rgbs.append(rgb)
-    images, annotations = [], []
+    images, annotations, overlays = [], [], {}
     for rec, rgb, objects in zip(good, rgbs, discoverer(rgbs, batch_size), strict=True):
         if isinstance(objects, BadImage):
             failures.append({"id": rec.id, "file_name": rec.file_name, "reason": str(objects)})
@@ -186,28 +183,24 @@ def run_shard(
             }
         )
         annotations += [mask_annotation(m, rec.id) for m in objects.masks]
-        if rec in overlay_records:
-            write_overlay(overlay_dir / f"{rec.id:08d}.png", rgb, objects)
-    seconds = time.perf_counter() - start
-    atomic_write_json(out_path, {"images": images, "annotations": annotations, "failures": failures})
-    return {
-        "images": len(records),
-        "annotations": len(annotations),
-        "failures": len(failures),
-        "seconds": seconds,
-    }
+        if rec.id in overlay_ids:
+            overlays[f"{rec.id:08d}.png"] = overlay_png(rgb, objects)
+    return {"images": images, "annotations": annotations, "failures": failures}, overlays
 
 
-def write_overlay(path: Path, rgb: np.ndarray, objects: ImageObjects) -> None:
+def overlay_png(rgb: np.ndarray, objects: ImageObjects) -> bytes:
     """A PNG of the image with its masks and discovery boxes drawn, for a quick look."""
+    from detectron2.utils.colormap import colormap
     from detectron2.utils.visualizer import Visualizer
 
     vis = Visualizer(rgb)
     # Drawn apart: a mask rejected by refinement keeps its box, so there can be more boxes than masks.
     if objects.masks:
-        vis.overlay_instances(masks=objects.masks)
+        palette = colormap(rgb=True, maximum=1)  # fixed colours: the same image gives the same PNG bytes
+        colours = [palette[k % len(palette)] for k in range(len(objects.masks))]
+        vis.overlay_instances(masks=objects.masks, assigned_colors=colours)
     for x, y, w, h in objects.boxes:
         vis.draw_box((x, y, x + w, y + h))
     out = io.BytesIO()
     Image.fromarray(vis.output.get_image()).save(out, format="PNG")
-    atomic_write_bytes(path, out.getvalue())
+    return out.getvalue()

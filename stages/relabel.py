@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
-
-def _rles(anns: list[dict]) -> list[dict]:
-    out = []
-    for a in anns:
-        seg = a["segmentation"]
-        counts = seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"]
-        out.append({"size": seg["size"], "counts": counts})
-    return out
+from stages import rle
 
 
 def merge_labels(
@@ -26,8 +16,6 @@ def merge_labels(
     kept = [p for p in predictions if p["score"] >= score_thresh]
     if not kept or not previous:
         return kept + list(previous)
-    iou = mask_utils.iou(_rles(previous), _rles(kept), [0] * len(kept))  # (len(previous), len(kept))
-    survivors = [
-        old for old, best in zip(previous, np.asarray(iou).max(axis=1), strict=True) if best < max_iou
-    ]
+    iou = rle.iou([a["segmentation"] for a in previous], [p["segmentation"] for p in kept])
+    survivors = [old for old, best in zip(previous, iou.max(axis=1), strict=True) if best < max_iou]
     return kept + survivors

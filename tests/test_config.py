@@ -49,6 +49,7 @@ def test_overrides_are_typed():
         ("backbone.precision=float16", "backbone.precision"),
         ("refine.bilateral.confidence=1.5", "refine.bilateral.confidence"),
         ("method.graph.dino=null", "method.graph.dino"),
+        ("run.shard_retries=-1", "run.shard_retries"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(override, key):
@@ -73,7 +74,13 @@ def test_digest_ignores_execution_settings_only():
 
     base = load_config()
     same = load_config(
-        overrides=["run.workers=7", "backbone.device=cpu", "train.merge_iou=0.4", "correlator.lr=1"]
+        overrides=[
+            "run.workers=7",
+            "run.shard_retries=0",
+            "backbone.device=cpu",
+            "train.merge_iou=0.4",
+            "correlator.lr=1",
+        ]
     )
     other = load_config(overrides=["method.n_masks=2"])
     assert digest(base) == digest(same) != digest(other)  # training settings don't touch pseudo-labels

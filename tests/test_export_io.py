@@ -1,5 +1,6 @@
 """COCO export round-trips through pycocotools; images of any mode load as RGB; bad files are named."""
 
+import io
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from stages.discover import ImageObjects, write_overlay
+from stages.discover import ImageObjects, overlay_png
 from stages.export import CocoError, coco_file, mask_annotation, write_coco
 from stages.io import BadImage, atomic_write_bytes, atomic_write_text, load_rgb
 
@@ -89,7 +90,6 @@ def test_overlay_draws_boxes_of_masks_rejected_by_refinement(tmp_path):
     mask = np.zeros((40, 60), bool)
     mask[5:15, 5:20] = True
     objects = ImageObjects(boxes=[[5, 5, 15, 10], [30, 20, 20, 15]], masks=[mask])
-    write_overlay(tmp_path / "o.png", rgb, objects)
-    drawn = np.asarray(Image.open(tmp_path / "o.png"))
+    drawn = np.asarray(Image.open(io.BytesIO(overlay_png(rgb, objects))))
     assert drawn.shape[:2] == (40, 60)
     assert drawn[20:35, 30:50].any()  # the second box's outline, where no mask is

@@ -1,11 +1,11 @@
 """The pseudo-label run on Ray: valid output, failures listed, resume after a re-run or a kill."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from pipeline.config import load_config
+from pipeline.driver import EXIT_AFTER_SHARDS, WORKER_EXIT
 from pipeline.pseudolabels import run
 from pipeline.runs import RunError
 from tests.synthetic import write_image_folder
@@ -82,43 +83,73 @@ def test_second_run_skips_every_shard(first_run):
     assert path.read_text() == content
 
 
-def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path):
-    args = overrides(images, tmp_path, shard_size=1)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "pseudolabels",
-        "--dataset",
-        "imagefolder",
-        "--method",
-        "maskcut",
-    ]
+def run_in_subprocess(command: str, args: list[str], env: dict[str, str]) -> int:
+    """``python -m pipeline <command> args`` in its own session with its own local Ray; returns its exit
+    status. Whatever the process leaves behind (its Ray) is killed with its process group."""
     proc = subprocess.Popen(
-        cmd + args + ["run.workers=1"],
+        [sys.executable, "-m", "pipeline", command, *args],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "RAY_ADDRESS": ""},
+        env={**os.environ, "RAY_ADDRESS": "", **env},
     )
-    shard_dir = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        found = list(tmp_path.glob("pseudolabels/*/shards/shard-*.json"))
-        if len(found) >= 2:
-            shard_dir = found[0].parent
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert shard_dir is not None, "the run never finished a shard"
-    done = len(list(shard_dir.glob("shard-*.json")))
-    assert 2 <= done < 10 and not (shard_dir.parent / "pseudolabels.json").exists()
-    assert not list(shard_dir.glob(".*tmp"))  # no half-written shard survives the kill
+    try:
+        return proc.wait(timeout=900)  # a safety net only: the test's kill point is the hook
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path):
+    args = overrides(images, tmp_path)  # the first run's settings: the same shards
+    selection = ["--dataset", "imagefolder", "--method", "maskcut"]
+    status = run_in_subprocess("pseudolabels", selection + args, {EXIT_AFTER_SHARDS: "2"})
+    assert status == -signal.SIGKILL  # the driver killed itself right after writing its second shard
+    (run_dir,) = (tmp_path / "pseudolabels").iterdir()
+    shards = sorted((run_dir / "shards").glob("shard-*.json"))
+    assert len(shards) == 2 and not (run_dir / "pseudolabels.json").exists()
+    assert not list(run_dir.rglob(".*tmp"))  # no half-written file survives the kill
+    mtimes = [p.stat().st_mtime_ns for p in shards]
 
     path = run(load_config("imagefolder", "maskcut", args))
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes  # finished shards were not recomputed
     _, reference = first_run
-    assert json.loads(path.read_text()) == json.loads(reference.read_text())
+    assert path.read_bytes() == reference.read_bytes()
+
+
+def test_one_and_two_workers_write_identical_labels(images, tmp_path):
+    # At the default batch size: images are batched within a shard, and shards do not depend on workers.
+    paths = []
+    for workers in (1, 2):
+        args = [a for a in overrides(images, tmp_path / str(workers)) if not a.startswith("backbone.batch")]
+        paths.append(run(load_config("imagefolder", "maskcut", [*args, f"run.workers={workers}"])))
+    one, two = paths
+    assert one.read_bytes() == two.read_bytes()
+    overlays = [sorted((p.parent / "overlays").glob("*.png")) for p in paths]
+    assert [p.read_bytes() for p in overlays[0]] == [p.read_bytes() for p in overlays[1]]
+
+
+def test_a_dead_worker_is_replaced_and_its_shard_retried(images, first_run, tmp_path, monkeypatch):
+    marker = tmp_path / "died"
+    monkeypatch.setenv(WORKER_EXIT, f"{marker}:1,3")  # the worker process kills itself in shards 1 and 3
+    path = run(load_config("imagefolder", "maskcut", overrides(images, tmp_path / "runs")))
+    assert (tmp_path / "died.1").exists() and (tmp_path / "died.3").exists()  # both deaths happened
+    _, reference = first_run
+    assert path.read_bytes() == reference.read_bytes()
+
+
+def test_shards_whose_worker_always_dies_fail_by_name_and_the_rest_finish(images, tmp_path, monkeypatch):
+    monkeypatch.setenv(WORKER_EXIT, ":0,2")  # every worker that starts shard 0 or 2 dies
+    cfg = load_config("imagefolder", "maskcut", [*overrides(images, tmp_path), "run.shard_retries=1"])
+    with pytest.raises(RunError) as error:
+        run(cfg)
+    message = str(error.value)
+    assert "2 of 4 maskcut shards failed" in message
+    assert "shard-00000 (3 items, first corrupt.jpg): its worker died 2 times" in message
+    assert "shard-00002 (3 items" in message and "shard-00001" not in message
+    (run_dir,) = (tmp_path / "pseudolabels").iterdir()
+    names = sorted(p.name for p in (run_dir / "shards").glob("shard-*.json"))
+    assert names == ["shard-00001.json", "shard-00003.json"]  # live actors did every other shard
 
 
 def test_changed_image_list_is_refused(images, first_run):

@@ -193,3 +193,21 @@ def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tm
     # ... unless the frozen ViT attention is asked for by name.
     frozen = replace(cfg, **{"correlator.checkpoint": "frozen"})
     assert video.resolve_correlator(frozen).correlator.checkpoint is None
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_run_of_25_videos_with_over_300_frame_masks_merges_and_validates(similarity_vit, tmp_path):
+    root = tmp_path / "davis"
+    write_davis_videos(root, n_videos=25, n_frames=6)
+    labels = pseudolabels(ba_config(root, tmp_path / "runs", similarity_vit, ["run.overlays=1"]))
+    data = json.loads(labels.read_text())
+    validate_coco(data)
+    summary = json.loads((labels.parent / "summary.json").read_text())
+    assert len(data["images"]) == 150 and len({im["id"] for im in data["images"]}) == 150
+    assert summary["frame_masks"] == len(data["annotations"]) >= 300  # two objects in every frame
+    tracks = json.loads((labels.parent / "ytvis.json").read_text())
+    assert len(tracks["videos"]) == 25 and len(tracks["annotations"]) == summary["tracks"]
+    masks = sum(seg is not None for t in tracks["annotations"] for seg in t["segmentations"])
+    assert masks == len(data["annotations"])
+    assert [t["id"] for t in tracks["annotations"]] == list(range(1, summary["tracks"] + 1))
+    assert len(list((labels.parent / "overlays").glob("*.gif"))) == 1

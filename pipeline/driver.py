@@ -1,0 +1,322 @@
+"""The sharded-stage driver: every stage that maps a list of items through a model runs here (image
+pseudo-labels, video pseudo-labels, detector inference for relabelling and evaluation).
+
+The items are cut into shards. Ray actors hold the model (built once per actor by a picklable factory) and
+send each shard's result back through Ray as a small record (``ShardOutput``: JSON-ready data and a few
+files such as overlays). Only this process writes: it validates each shard, writes its files, then its
+shard file atomically, so a shard file exists exactly when its shard is done and valid. Re-running skips
+done shards; a killed run loses no finished shard. Workers never receive an output path: images and
+weights are the only files they read, so the nodes of a cluster need no shared file system for outputs.
+
+When a worker process dies (killed, out of memory) its actor is replaced and the shard goes back to the
+front of the queue, up to ``run.shard_retries`` times; shards are only ever handed to live actors. A shard
+that still fails, or whose worker raises, is reported by name; the other shards go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from pipeline.config import RunConfig
+from pipeline.runs import RunError, write_jsonl
+from stages.backbone import resolve_device
+from stages.export import CocoError, CocoWriter
+from stages.io import atomic_write_bytes, atomic_write_json, read_json
+
+# Shard files carry this format number; files without it (written before shards were validated when
+# written) are validated when merged.
+SHARD_FORMAT = 2
+
+# Test-only hooks (deterministic kill points; never set in normal use):
+# the driver kills itself (SIGKILL) right after writing its N-th shard file in this process;
+EXIT_AFTER_SHARDS = "PIPELINE_TEST_EXIT_AFTER_SHARDS"
+# a worker kills its own process when it starts one of the shards K1,K2,...: "<marker>:<K1>,<K2>" does it
+# once per shard (the worker creates the file <marker>.<K> first), ":<K1>,<K2>" every time. The driver
+# forwards it to the actors' environment.
+WORKER_EXIT = "PIPELINE_TEST_WORKER_EXIT"
+
+
+@dataclass
+class ShardOutput:
+    """What a worker sends back for one shard."""
+
+    data: dict  # the shard file's content (JSON-ready)
+    files: dict[str, bytes] = field(default_factory=dict)  # more files, relative to the stage's files_dir
+    stats: dict = field(default_factory=dict)  # timings and counts (benchmarks)
+
+
+Worker = Callable[[int, list], ShardOutput]  # (shard index, items) -> output
+
+
+def _one(item: Any) -> int:
+    return 1
+
+
+def _accept(data: dict) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ShardedStage:
+    """One stage as the driver runs it."""
+
+    name: str  # progress bar and messages
+    shards: list[list]  # the items of each shard, in output order
+    factory: Callable[[], Worker]  # picklable; builds the worker inside each actor; holds no output path
+    shard_dir: Path  # the driver writes shard-00000.json, ... here
+    files_dir: Path | None = None  # ShardOutput.files go under here; None: the stage writes none
+    check: Callable[[dict], None] = _accept  # validates a shard's data before it is written (CocoError)
+    size: Callable[[Any], int] = _one  # progress units of an item (a video counts its frames)
+    item_name: Callable[[Any], str] = str  # how an item is named in error messages
+
+    def shard_file(self, index: int) -> Path:
+        # Indexes above 99,999 simply get more digits: names stay unique. Shards are always read by index,
+        # never in directory-listing order (which would put shard-100000 before shard-10001).
+        return self.shard_dir / f"shard-{index:05d}.json"
+
+    def shard_label(self, index: int) -> str:
+        """A shard's name for messages: its file name, item count and first item."""
+        items = self.shards[index]
+        first = f", first {self.item_name(items[0])}" if items else ""
+        return f"shard-{index:05d} ({len(items)} {'item' if len(items) == 1 else 'items'}{first})"
+
+    def todo(self) -> list[int]:
+        return [i for i in range(len(self.shards)) if not self.shard_file(i).exists()]
+
+    def read(self, index: int) -> dict:
+        """A finished shard's data; shards from before SHARD_FORMAT are validated here."""
+        data = read_json(self.shard_file(index))
+        if data.pop("format", None) != SHARD_FORMAT:
+            try:
+                self.check(data)
+            except CocoError as e:
+                raise RunError(f"{self.shard_file(index)} is invalid ({e}); delete it and re-run") from e
+        return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ray
+
+
+@ray.remote
+class ShardActor:
+    def __init__(self, factory: Callable[[], Worker], threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.work = factory()
+
+    def run(self, index: int, items: list) -> ShardOutput:
+        _worker_exit_for_test(index)
+        return self.work(index, items)
+
+
+def _worker_exit_for_test(index: int) -> None:
+    hook = os.environ.get(WORKER_EXIT)
+    if not hook:
+        return
+    marker, _, shards = hook.rpartition(":")
+    if index not in {int(k) for k in shards.split(",")}:
+        return
+    if marker:
+        try:
+            os.close(os.open(f"{marker}.{index}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # died in this shard once already
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ensure_ray(address: str | None, object_store_mb: int) -> None:
+    """Connect to the configured cluster (or RAY_ADDRESS), else start a local one; reuse a running one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local single-user use: no token prompt/warning
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            object_store_memory=object_store_mb * 2**20,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+
+
+def default_workers(threads_per_worker: int, use_gpu: bool) -> int:
+    resources = ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(resources.get("GPU", 0)))
+    return max(1, int(resources.get("CPU", 1)) // threads_per_worker)
+
+
+@dataclass
+class ShardReport:
+    done: int = 0  # shards finished in this call
+    failed: dict[int, str] = field(default_factory=dict)  # shard index -> error
+    retried: int = 0  # shard attempts lost to a dead worker and run again
+    stats: list[dict] = field(default_factory=list)  # the workers' ShardOutput.stats
+
+
+def run_stage(stage: ShardedStage, run: RunConfig, device: str) -> ShardReport:
+    """Run every unfinished shard of ``stage`` on the Ray cluster and worker count that ``run`` asks for,
+    with one GPU per actor when ``device`` resolves to CUDA. When every shard is done already, Ray is not
+    even started. Raises RunError naming every shard that failed (the finished ones are kept)."""
+    if not stage.todo():
+        print(f"{stage.name}: all {len(stage.shards)} shards already done", file=sys.stderr)
+        return ShardReport()
+    use_gpu = resolve_device(device).type == "cuda"
+    ensure_ray(run.ray_address, run.object_store_mb)
+    workers = run.workers or default_workers(run.threads_per_worker, use_gpu)
+    report = run_shards(stage, workers, run.threads_per_worker, use_gpu, run.shard_retries)
+    if report.failed:
+        failed = "; ".join(f"{stage.shard_label(i)}: {error}" for i, error in sorted(report.failed.items()))
+        raise RunError(
+            f"{len(report.failed)} of {len(stage.shards)} {stage.name} shards failed ({report.done} finished "
+            f"now, kept in {stage.shard_dir}; re-run to do only the rest): {failed}"
+        )
+    return report
+
+
+def _actor_options(threads: int, use_gpu: bool) -> dict:
+    # max_restarts=0: a dead actor stays dead and the driver replaces it, so that no shard is ever handed to
+    # an actor that is dead or restarting.
+    options = {"num_cpus": threads, "num_gpus": 1 if use_gpu else 0, "max_restarts": 0}
+    hooks = {k: v for k, v in os.environ.items() if k == WORKER_EXIT}
+    if hooks:
+        options["runtime_env"] = {"env_vars": hooks}
+    return options
+
+
+def run_shards(
+    stage: ShardedStage, workers: int, threads_per_worker: int, use_gpu: bool, retries: int
+) -> ShardReport:
+    """Run every unfinished shard on ``workers`` actors, with a progress bar over items; returns what
+    happened (failed shards are reported, not raised)."""
+    report = ShardReport()
+    todo = stage.todo()
+    if not todo:
+        return report
+    total = sum(stage.size(item) for shard in stage.shards for item in shard)
+    done_items = total - sum(stage.size(item) for i in todo for item in stage.shards[i])
+    options = _actor_options(threads_per_worker, use_gpu)
+
+    def new_actor():
+        return ShardActor.options(**options).remote(stage.factory, threads_per_worker)
+
+    idle = [new_actor() for _ in range(min(workers, len(todo)))]
+    queue = deque(todo)
+    attempts = dict.fromkeys(todo, 0)
+    running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+    written = 0
+    with tqdm(total=total, initial=done_items, unit="img", desc=stage.name, dynamic_ncols=True) as bar:
+        try:
+            while queue or running:
+                while queue and idle:
+                    i = queue.popleft()
+                    actor = idle.pop()
+                    running[actor.run.remote(i, stage.shards[i])] = (i, actor)
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                i, actor = running.pop(ref)
+                attempts[i] += 1
+                try:
+                    out = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    if e.actor_init_failed:  # the model cannot even load: no shard can succeed
+                        raise RunError(f"{stage.name} workers cannot start: {_last_line(e)}") from e
+                    idle.append(new_actor())  # the dead one is dropped, never given work again
+                    if attempts[i] <= retries:
+                        report.retried += 1
+                        queue.appendleft(i)
+                        tqdm.write(f"{stage.name}: the worker of {stage.shard_label(i)} died; retrying it")
+                        continue
+                    _fail(report, stage, i, f"its worker died {attempts[i]} times ({_last_line(e)})")
+                except ray.exceptions.RayTaskError as e:
+                    idle.append(actor)
+                    _fail(report, stage, i, _last_line(e))
+                else:
+                    idle.append(actor)
+                    try:
+                        _write_shard(stage, i, out)
+                    except (CocoError, ValueError) as e:
+                        _fail(report, stage, i, f"invalid output: {e}")
+                    else:
+                        report.done += 1
+                        report.stats.append(out.stats)
+                        written += 1
+                        _driver_exit_for_test(written)
+                bar.update(sum(stage.size(item) for item in stage.shards[i]))
+        finally:
+            for actor in idle + [a for _, a in running.values()]:
+                ray.kill(actor)
+    return report
+
+
+def _last_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def _fail(report: ShardReport, stage: ShardedStage, index: int, error: str) -> None:
+    report.failed[index] = error
+    tqdm.write(f"{stage.name}: {stage.shard_label(index)} failed: {error}")
+
+
+def _write_shard(stage: ShardedStage, index: int, out: ShardOutput) -> None:
+    """Validate a shard's output, write its files, then (last: it marks the shard done) its shard file."""
+    stage.check(out.data)
+    for name, data in out.files.items():
+        relative = PurePosixPath(name)
+        if stage.files_dir is None or relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"a worker sent the file '{name}', which this stage does not write")
+        atomic_write_bytes(stage.files_dir / relative, data)
+    atomic_write_json(stage.shard_file(index), {"format": SHARD_FORMAT, **out.data})
+
+
+def _driver_exit_for_test(written: int) -> None:
+    limit = os.environ.get(EXIT_AFTER_SHARDS)
+    if limit and written >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merging image shards ({"images", "annotations", "failures"}) into one COCO file
+
+
+def iter_shards(stage: ShardedStage) -> Iterator[dict]:
+    """The finished shards' data, one at a time, in order."""
+    for i in range(len(stage.shards)):
+        yield stage.read(i)
+
+
+def merge_coco(stage: ShardedStage, out: Path, failures_out: Path) -> dict:
+    """Stream the shards' images and annotations into one COCO file (written atomically; memory holds one
+    shard at a time and the set of image ids) and write their failures as JSON lines. Returns counts and
+    the failures."""
+    failures = []
+    with CocoWriter(out) as coco:
+        for i, shard in enumerate(iter_shards(stage)):
+            try:
+                coco.add(shard["images"], shard["annotations"])
+            except CocoError as e:
+                raise RunError(f"{stage.shard_file(i)}: {e}") from e
+            failures += shard["failures"]
+        coco.commit()
+    write_jsonl(failures_out, failures)
+    return {
+        "images": coco.n_images + len(failures),
+        "labelled": coco.n_images,
+        "failed": len(failures),
+        "annotations": coco.n_annotations,
+        "failures": failures,
+    }
