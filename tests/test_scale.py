@@ -142,7 +142,7 @@ def test_a_1000_image_run_merges_validates_and_evaluates(thousand_images, tmp_pa
     root, gt = thousand_images
     cfg = load_config(
         "coco",
-        "lost",
+        "tokencut",
         [
             f"dataset.root={root}",
             f"dataset.annotations={root / 'annotations.json'}",
@@ -151,13 +151,14 @@ def test_a_1000_image_run_merges_validates_and_evaluates(thousand_images, tmp_pa
             "run.overlays=2",
             "backbone.arch=test_vit_tiny",
             "backbone.random_init=true",
+            "method.refine=none",  # one mask per image, exactly
         ],
     )
     path = run(cfg)
     data = json.loads(path.read_text())
     validate_coco(data)
     assert [im["id"] for im in data["images"]] == list(range(1, 1001))
-    assert len(data["annotations"]) == 1000  # LOST: one mask per image
+    assert len(data["annotations"]) == 1000  # TokenCut: one mask per image
     assert [a["id"] for a in data["annotations"]] == list(range(1, 1001))
     summary = json.loads((path.parent / "summary.json").read_text())
     assert (summary["images"], summary["labelled"], summary["failed"], summary["annotations"]) == (
@@ -170,10 +171,10 @@ def test_a_1000_image_run_merges_validates_and_evaluates(thousand_images, tmp_pa
 
     result = eval_corloc(cfg)
     assert result["images"] == 1000 and result["corloc"] == result["hits"] / 1000
-    assert result["hits"] > 500  # the planted squares are found (random ViT weights: pixels decide)
-    # AP over 1,000 images: the ground truth against itself is perfect; the pseudo-labels score in between.
+    assert result["hits"] > 900  # the planted squares are found (random ViT weights: pixels decide)
+    # AP over 1,000 images: the ground truth against itself is perfect; the pseudo-labels score high at 50%.
     perfect = evaluate_ap(gt, ground_truth_as_detections(gt), max_dets=100)
     assert perfect["bbox"]["AP"] == 1.0 and perfect["segm"]["AP"] == 1.0
     dets = [{**a, "score": 1.0} for a in data["annotations"]]
     ap = evaluate_ap(gt, dets, max_dets=100)
-    assert 0.0 < ap["segm"]["AP50"] <= 1.0
+    assert ap["bbox"]["AP50"] > 0.8 and ap["segm"]["AP50"] > 0.8  # patch-grid masks of the squares
