@@ -34,6 +34,8 @@ class Detector:
     def __init__(self, cfg, max_detections: int | None = None):
         from detectron2.engine import DefaultPredictor
 
+        import stages.droploss  # noqa: F401  (registers the ROI heads a config may name, in any process)
+
         cfg = cfg.clone()
         cfg.defrost()
         if max_detections is not None:

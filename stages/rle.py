@@ -1,12 +1,14 @@
 """COCO run-length-encoded (RLE) masks through pycocotools, safe at any count.
 
-Every pycocotools mask call of the project goes through here, because pycocotools 2.0.11 was written for
-numpy 1 and one of its calls breaks under numpy 2's strict integer casting once a list is long enough:
-``mask.area`` builds a throwaway ``np.array((n,), dtype=np.uint8)`` from the list length, which numpy 2
-refuses for n >= 256 (``OverflowError: Python integer 256 out of bounds for uint8``). ``area`` below hands
-it at most 255 RLEs at a time. The other calls were checked at realistic sizes (hundreds to 90,000 RLEs,
-500x375 masks, 300x300 IoU matrices) and behave; they are wrapped only so that str and bytes counts are
-handled in one place.
+Every pycocotools mask call of the stages and runs goes through here (the demo-data builder calls area()
+on one RLE at a time), because pycocotools 2.0.11 was written for numpy 1 and one of its calls breaks
+under numpy 2's strict integer casting once a list is long enough: ``mask.area`` builds a throwaway
+``np.array((n,), dtype=np.uint8)`` from the list length, which numpy 2 refuses for n >= 256
+(``OverflowError: Python integer 256 out of bounds for uint8``). ``area`` below hands it at most 255 RLEs
+at a time. The other calls were checked at realistic sizes (hundreds to 90,000 RLEs, 500x375 masks,
+300x300 IoU matrices) and behave; they are wrapped only so that str and bytes counts are handled in one
+place. (``mask.decode`` warns under numpy 2 that its ``__array__`` takes no ``copy`` argument; a
+DeprecationWarning with the pinned numpy 2.4.6.)
 
 RLEs here are dicts ``{"size": [height, width], "counts": str | bytes}`` (COCO's compressed form); the
 functions returning RLEs give str counts, ready for JSON.
@@ -86,8 +88,16 @@ def from_polygons(polygons: list[list[float]], height: int, width: int) -> dict:
     return merge(mask_utils.frPyObjects(polygons, height, width))
 
 
-def from_uncompressed(rle: dict) -> dict:
-    """COCO's uncompressed RLE (``counts`` a list of run lengths) -> compressed RLE with str counts."""
-    height, width = rle["size"]
-    out = mask_utils.frPyObjects(rle, height, width)
-    return {"size": list(out["size"]), "counts": out["counts"].decode("ascii")}
+def from_segmentation(segmentation: list | dict, height: int, width: int) -> dict:
+    """A COCO segmentation in any of its forms (polygons, uncompressed RLE with list counts, compressed RLE)
+    of an image of ``height`` x ``width`` -> compressed RLE with str counts."""
+    if isinstance(segmentation, list):
+        return from_polygons(segmentation, height, width)
+    if isinstance(segmentation["counts"], list):
+        out = mask_utils.frPyObjects(segmentation, height, width)
+        return {"size": list(out["size"]), "counts": out["counts"].decode("ascii")}
+    counts = segmentation["counts"]
+    return {
+        "size": list(segmentation["size"]),
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }

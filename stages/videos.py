@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pipeline.config import DatasetConfig
+from stages import rle
 from stages.datasets import DatasetError, ImageRecord, resolve
 from stages.export import coco_file, mask_annotation
 from stages.io import IMAGE_SUFFIXES, read_json
@@ -101,14 +101,7 @@ def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
         for k, ann in enumerate(anns, start=1):
             for t, seg in enumerate(ann["segmentations"]):
                 if seg:
-                    rle = (
-                        seg
-                        if isinstance(seg, dict)
-                        else mask_utils.merge(mask_utils.frPyObjects(seg, meta["height"], meta["width"]))
-                    )
-                    if isinstance(rle.get("counts"), list):
-                        rle = mask_utils.frPyObjects(rle, meta["height"], meta["width"])
-                    ids[t][mask_utils.decode(rle).astype(bool)] = k
+                    ids[t][rle.decode(rle.from_segmentation(seg, meta["height"], meta["width"]))] = k
         return ids
     raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
 

@@ -1,11 +1,7 @@
 """The pseudo-label run on Ray: valid output, failures listed, resume after a re-run or a kill."""
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.driver import EXIT_AFTER_SHARDS, WORKER_EXIT
 from pipeline.pseudolabels import run
 from pipeline.runs import RunError
+from tests.processes import run_pipeline
 from tests.synthetic import write_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -83,27 +80,10 @@ def test_second_run_skips_every_shard(first_run):
     assert path.read_text() == content
 
 
-def run_in_subprocess(command: str, args: list[str], env: dict[str, str]) -> int:
-    """``python -m pipeline <command> args`` in its own session with its own local Ray; returns its exit
-    status. Whatever the process leaves behind (its Ray) is killed with its process group."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", command, *args],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "RAY_ADDRESS": "", **env},
-    )
-    try:
-        return proc.wait(timeout=900)  # a safety net only: the test's kill point is the hook
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path):
     args = overrides(images, tmp_path)  # the first run's settings: the same shards
     selection = ["--dataset", "imagefolder", "--method", "maskcut"]
-    status = run_in_subprocess("pseudolabels", selection + args, {EXIT_AFTER_SHARDS: "2"})
+    status = run_pipeline("pseudolabels", selection + args, {EXIT_AFTER_SHARDS: "2"})
     assert status == -signal.SIGKILL  # the driver killed itself right after writing its second shard
     (run_dir,) = (tmp_path / "pseudolabels").iterdir()
     shards = sorted((run_dir / "shards").glob("shard-*.json"))

@@ -1,6 +1,9 @@
 """Self-training end to end on generated data with a tiny schedule; resume; detector loading; bad inputs."""
 
 import json
+import shutil
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,15 +12,18 @@ import torchvision
 
 from pipeline import load_detector
 from pipeline.config import load_config
+from pipeline.driver import EXIT_AFTER_SHARDS
 from pipeline.selftrain import run
 from stages import train
 from stages.export import coco_file, mask_annotation
+from tests.processes import run_pipeline
 from tests.synthetic import object_image, write_image_folder
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 TINY = [
     "run.workers=2",
+    "run.shard_size=2",  # three shards of the six images
     "backbone.arch=test_vit_tiny",
     "backbone.random_init=true",
     "method.resize=96",
@@ -132,6 +138,22 @@ def test_an_interrupted_round_resumes_from_its_last_checkpoint(images, trained, 
     round0 = run(cfg2)
     assert starts == [2]  # resumed after the checkpoint of iteration 1, not from scratch
     assert (round0 / "summary.json").exists()
+
+
+def test_killed_relabelling_resumes_and_ends_identical(images, trained, tmp_path):
+    cfg, last = trained
+    # The finished run without round 1, elsewhere: the next run re-labels with round 0's detector.
+    root, out = last.parent, tmp_path / "runs"
+    shutil.copytree(Path(cfg.run.out_dir) / "pseudolabels", out / "pseudolabels")
+    shutil.copytree(root, out / "selftrain" / root.name, ignore=shutil.ignore_patterns("round1"))
+    args = ["--dataset", "imagefolder", "--method", "maskcut", "--preset", "cpu-tiny"]
+    args += [f"dataset.root={images}", f"run.out_dir={out}", *TINY, schedule(3)]
+    assert run_pipeline("selftrain", args, {EXIT_AFTER_SHARDS: "1"}) == -signal.SIGKILL
+    round1 = out / "selftrain" / root.name / "round1"
+    assert len(list((round1 / "relabel").glob("shard-*.json"))) == 1  # killed after its first shard
+    assert not (round1 / "labels.json").exists()
+    assert run(config(images, out)) == round1
+    assert (round1 / "labels.json").read_bytes() == (last / "labels.json").read_bytes()
 
 
 def test_bad_label_files_fail_before_training(tmp_path):
