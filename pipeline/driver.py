@@ -39,7 +39,7 @@ from stages.io import atomic_write_bytes, atomic_write_json, read_json
 SHARD_FORMAT = 2
 
 # Test-only hooks (deterministic kill points; never set in normal use):
-# the driver kills itself (SIGKILL) right after writing its N-th shard file in this process;
+# the driver kills itself (SIGKILL) right after writing the N-th shard file of a stage;
 EXIT_AFTER_SHARDS = "PIPELINE_TEST_EXIT_AFTER_SHARDS"
 # a worker kills its own process when it starts one of the shards K1,K2,...: "<marker>:<K1>,<K2>" does it
 # once per shard (the worker creates the file <marker>.<K> first), ":<K1>,<K2>" every time. The driver
@@ -76,7 +76,7 @@ class ShardedStage:
     factory: Callable[[], Worker]  # picklable; builds the worker inside each actor; holds no output path
     shard_dir: Path  # the driver writes shard-00000.json, ... here
     files_dir: Path | None = None  # ShardOutput.files go under here; None: the stage writes none
-    check: Callable[[dict], None] = _accept  # validates a shard's data before it is written (CocoError)
+    check: Callable[[dict], None] = _accept  # validates a shard's data before it is written (ValueError)
     size: Callable[[Any], int] = _one  # progress units of an item (a video counts its frames)
     item_name: Callable[[Any], str] = str  # how an item is named in error messages
 
@@ -100,7 +100,7 @@ class ShardedStage:
         if data.pop("format", None) != SHARD_FORMAT:
             try:
                 self.check(data)
-            except CocoError as e:
+            except ValueError as e:  # CocoError among them
                 raise RunError(f"{self.shard_file(index)} is invalid ({e}); delete it and re-run") from e
         return data
 
@@ -198,68 +198,92 @@ def _actor_options(threads: int, use_gpu: bool) -> dict:
     return options
 
 
+class _ActorPool:
+    """The live actors of a stage: an idle one gets the next shard; a dead one is replaced by a new actor
+    and never given work again."""
+
+    def __init__(self, stage: ShardedStage, size: int, threads: int, use_gpu: bool):
+        self.stage, self.threads = stage, threads
+        self.options = _actor_options(threads, use_gpu)
+        self.idle = [self._new() for _ in range(size)]
+        self.running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+
+    def _new(self):
+        return ShardActor.options(**self.options).remote(self.stage.factory, self.threads)
+
+    def __enter__(self) -> _ActorPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for actor in self.idle + [actor for _, actor in self.running.values()]:
+            ray.kill(actor)
+
+    def submit(self, queue: deque) -> None:
+        while queue and self.idle:
+            i = queue.popleft()
+            actor = self.idle.pop()
+            self.running[actor.run.remote(i, self.stage.shards[i])] = (i, actor)
+
+    def next_result(self) -> tuple[int, ShardOutput | ray.exceptions.RayError]:
+        """The next shard to finish: its output, or the error of its worker (raised or died)."""
+        (ref,), _ = ray.wait(list(self.running), num_returns=1)
+        i, actor = self.running.pop(ref)
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            if e.actor_init_failed:  # the model cannot even load: no shard can succeed
+                raise RunError(f"{self.stage.name} workers cannot start: {_last_line(e)}") from e
+            self.idle.append(self._new())
+            return i, e
+        except ray.exceptions.RayTaskError as e:
+            out = e
+        self.idle.append(actor)
+        return i, out
+
+
 def run_shards(
     stage: ShardedStage, workers: int, threads_per_worker: int, use_gpu: bool, retries: int
 ) -> ShardReport:
     """Run every unfinished shard on ``workers`` actors, with a progress bar over items; returns what
-    happened (failed shards are reported, not raised)."""
+    happened (failed shards are reported, not raised). A shard whose worker died goes back to the front of
+    the queue, ``retries`` times at most."""
     report = ShardReport()
     todo = stage.todo()
     if not todo:
         return report
     total = sum(stage.size(item) for shard in stage.shards for item in shard)
     done_items = total - sum(stage.size(item) for i in todo for item in stage.shards[i])
-    options = _actor_options(threads_per_worker, use_gpu)
-
-    def new_actor():
-        return ShardActor.options(**options).remote(stage.factory, threads_per_worker)
-
-    idle = [new_actor() for _ in range(min(workers, len(todo)))]
-    queue = deque(todo)
-    attempts = dict.fromkeys(todo, 0)
-    running: dict[ray.ObjectRef, tuple[int, Any]] = {}
-    written = 0
-    with tqdm(total=total, initial=done_items, unit="img", desc=stage.name, dynamic_ncols=True) as bar:
-        try:
-            while queue or running:
-                while queue and idle:
-                    i = queue.popleft()
-                    actor = idle.pop()
-                    running[actor.run.remote(i, stage.shards[i])] = (i, actor)
-                (ref,), _ = ray.wait(list(running), num_returns=1)
-                i, actor = running.pop(ref)
-                attempts[i] += 1
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    if e.actor_init_failed:  # the model cannot even load: no shard can succeed
-                        raise RunError(f"{stage.name} workers cannot start: {_last_line(e)}") from e
-                    idle.append(new_actor())  # the dead one is dropped, never given work again
-                    if attempts[i] <= retries:
-                        report.retried += 1
-                        queue.appendleft(i)
-                        tqdm.write(f"{stage.name}: the worker of {stage.shard_label(i)} died; retrying it")
-                        continue
-                    _fail(report, stage, i, f"its worker died {attempts[i]} times ({_last_line(e)})")
-                except ray.exceptions.RayTaskError as e:
-                    idle.append(actor)
-                    _fail(report, stage, i, _last_line(e))
-                else:
-                    idle.append(actor)
-                    try:
-                        _write_shard(stage, i, out)
-                    except (CocoError, ValueError) as e:
-                        _fail(report, stage, i, f"invalid output: {e}")
-                    else:
-                        report.done += 1
-                        report.stats.append(out.stats)
-                        written += 1
-                        _driver_exit_for_test(written)
-                bar.update(sum(stage.size(item) for item in stage.shards[i]))
-        finally:
-            for actor in idle + [a for _, a in running.values()]:
-                ray.kill(actor)
+    queue, attempts = deque(todo), dict.fromkeys(todo, 0)
+    bar = tqdm(total=total, initial=done_items, unit="img", desc=stage.name, dynamic_ncols=True)
+    with bar, _ActorPool(stage, min(workers, len(todo)), threads_per_worker, use_gpu) as pool:
+        while queue or pool.running:
+            pool.submit(queue)
+            i, out = pool.next_result()
+            attempts[i] += 1
+            if isinstance(out, ray.exceptions.RayActorError):
+                if attempts[i] <= retries:
+                    report.retried += 1
+                    queue.appendleft(i)
+                    tqdm.write(f"{stage.name}: the worker of {stage.shard_label(i)} died; retrying it")
+                    continue
+                _fail(report, stage, i, f"its worker died {attempts[i]} times ({_last_line(out)})")
+            elif isinstance(out, ray.exceptions.RayTaskError):
+                _fail(report, stage, i, _last_line(out))
+            else:
+                _finish(report, stage, i, out)
+            bar.update(sum(stage.size(item) for item in stage.shards[i]))
     return report
+
+
+def _finish(report: ShardReport, stage: ShardedStage, index: int, out: ShardOutput) -> None:
+    try:
+        _write_shard(stage, index, out)
+    except ValueError as e:  # CocoError among them
+        _fail(report, stage, index, f"invalid output: {e}")
+        return
+    report.done += 1
+    report.stats.append(out.stats)
+    _driver_exit_for_test(report.done)
 
 
 def _last_line(e: Exception) -> str:

@@ -47,11 +47,33 @@ def evaluate_ap(gt: dict, detections: list[dict], max_dets: int) -> dict[str, di
         coco_dt = _quiet(coco_gt.loadRes, [_without(d, "bbox") if kind == "segm" else d for d in dets])
         ev = COCOeval(coco_gt, coco_dt, kind)
         ev.params.maxDets = [1, 10, max_dets]
-        for step in (ev.evaluate, ev.accumulate, ev.summarize):
+        for step in (ev.evaluate, ev.accumulate):
             _quiet(step)
-        stats = np.asarray(ev.stats, dtype=float)
-        results[kind] = {"AP": stats[0], "AP50": stats[1], "AP75": stats[2], f"AR{max_dets}": stats[8]}
+        results[kind] = _summary(ev, max_dets)
     return {k: {m: float(v) for m, v in r.items()} for k, r in results.items()}
+
+
+def _summary(ev: COCOeval, max_dets: int) -> dict[str, float]:
+    """AP (IoU 0.50:0.95), AP50, AP75 and AR of an accumulated COCOeval, all areas, at ``max_dets``.
+
+    Read from ``ev.eval`` as ``COCOeval.summarize`` does, because summarize looks up 100 detections
+    whatever ``params.maxDets`` holds (it reports -1 for any other count)."""
+    p = ev.params
+    area, m = p.areaRngLbl.index("all"), p.maxDets.index(max_dets)
+    precision = ev.eval["precision"][:, :, :, area, m]  # (IoU thresholds, recall points, categories)
+    recall = ev.eval["recall"][:, :, area, m]  # (IoU thresholds, categories)
+
+    def mean(values: np.ndarray) -> float:
+        values = values[values > -1]  # -1: no ground truth for that entry
+        return float(values.mean()) if values.size else -1.0
+
+    at = {iou: int(np.argmin(np.abs(p.iouThrs - iou))) for iou in (0.5, 0.75)}
+    return {
+        "AP": mean(precision),
+        "AP50": mean(precision[at[0.5]]),
+        "AP75": mean(precision[at[0.75]]),
+        f"AR{max_dets}": mean(recall),
+    }
 
 
 def _without(d: dict, key: str) -> dict:
