@@ -9,7 +9,7 @@ from v0 = d / sum(d) and stops when the "acceleration" |delta_t - delta_(t-1)|_i
 is below a tolerance (Lin and Cohen's 1e-5 / n): the fast-decaying eigenvectors have died out, the slow
 ones that carry the clusters remain. Here the trivial component is removed exactly (in the D-inner
 product, x - (d^T x / sum d) 1) from the start vector and again after each product to clear rounding: the
-partition of the vector is unchanged by that (the 2-means split of v and of v - c 1 is the same), but the
+partition of the vector is unchanged by that (v and v - c 1 split alike, at the mean or by 2-means), but the
 vector keeps full float32 precision where plain PIC lets the constant swamp it, and it converges to the
 dense second eigenvector (the Fiedler vector of stages/ncut.py) when the eigenvalue gap allows. A step is
 one product A x per graph, batched over frames, on the affinity's device (CPU or GPU, same code).
@@ -93,9 +93,11 @@ def power_iteration(
     def unit(x: torch.Tensor) -> torch.Tensor:
         return x / x.abs().sum(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
-    vector = unit(deflate(degree / volume))
-    # Equal degrees leave nothing after deflation: start those graphs from a fixed pseudo-random vector.
-    flat = (vector.abs().sum(dim=1) < 1e-3) | ~torch.isfinite(vector).all(dim=1)
+    vector = deflate(degree / volume)  # |degree / volume|_1 = 1
+    # Equal degrees leave nothing (or rounding) after deflation: those graphs start from a fixed
+    # pseudo-random vector, the same on every device.
+    flat = vector.abs().sum(dim=1) < 1e-6
+    vector = unit(vector)
     if bool(flat.any()):
         noise = torch.rand(degree.shape, generator=torch.Generator().manual_seed(0), dtype=degree.dtype)
         vector = torch.where(flat[:, None], unit(deflate(noise.to(degree.device) - 0.5)), vector)
