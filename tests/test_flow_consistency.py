@@ -101,6 +101,8 @@ def test_bad_input_is_refused():
         flow_consistent_masks(init * 2, forward, backward, params)
     with pytest.raises(ValueError, match="overlap"):
         flow_consistent_masks(init, forward, backward, FlowConsistencyParams(window=4, overlap=4))
+    with pytest.raises(ValueError, match="at least 2x2"):
+        flow_consistent_masks(init[:, :1], forward[:, :1], backward[:, :1], params)
 
 
 def test_hundred_frame_video_runs_in_bounded_windows(monkeypatch):
