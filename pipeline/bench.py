@@ -9,6 +9,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
   ray        discovery on precomputed features with 1 and 2 Ray workers
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
   merge      the pseudo-label merge at ImageNet-1k size (1.28 M images, 2-3 masks each): time, peak memory
+  sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
 
@@ -415,12 +416,19 @@ def _training_batch(images: list[np.ndarray], size: int, batch: int) -> list[dic
     return out
 
 
+def sslvos() -> list[str]:
+    from pipeline.bench_sslvos import report
+
+    return report()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
     "ray": ray_scaling,
     "detector": detector,
     "merge": merge,
+    "sslvos": sslvos,
 }
 
 
