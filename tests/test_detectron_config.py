@@ -12,6 +12,7 @@ from PIL import Image
 
 from pipeline.config import load_config
 from stages import train
+from stages.copy_paste import CopyPasteLoader
 from stages.export import coco_file, mask_annotation
 
 CUTLER_MIN_SIZES = [240, 320, 480, 640, 672, 704, 736, 768, 800, 1024]
@@ -106,3 +107,6 @@ def test_precise_bn_runs_after_training_exactly_when_the_model_has_batchnorm(lab
     else:
         (hook,) = precise
         assert not hook._disabled and hook._num_iter == 10  # the tiny schedule's count (reference: 200)
+        # statistics from plain training images, as CutLER's (its copy-paste is in the training step)
+        assert not isinstance(hook._data_loader, CopyPasteLoader)
+        assert isinstance(trainer.data_loader, CopyPasteLoader)
