@@ -85,10 +85,10 @@ def main() -> list[str]:
     return [
         f"SOLV at the paper's size ({params / 1e6:.1f} M parameters; 768-d features, 24x36 patches, "
         f"5-frame windows, 8 slots, token drop 0.5, merging on), {device.type}:",
-        f"training, batch {batch}: {1 / train_s:.2f} steps/s ({batch / train_s:.1f} clips/s, "
-        f"{train_s:.2f} s/step)",
+        f"training, batch {batch}: {1 / train_s:.3g} steps/s ({batch / train_s:.3g} clips/s, "
+        f"{train_s:.3g} s/step)",
         f"inference, a {VIDEO_FRAMES}-frame video ({windows_per_batch} windows per pass, masks upsampled "
-        f"to {FRAME_SIZE[0]}x{FRAME_SIZE[1]}, tracks matched): {VIDEO_FRAMES / infer_s:.1f} frames/s",
+        f"to {FRAME_SIZE[0]}x{FRAME_SIZE[1]}, tracks matched): {VIDEO_FRAMES / infer_s:.3g} frames/s",
     ]
 
 

@@ -292,7 +292,8 @@ def windows(num_frames: int, frames: Sequence[int], context: int) -> tuple[torch
 @torch.no_grad()
 def video_slots(model: SOLV, features: torch.Tensor, batch_size: int) -> VideoSlots:
     """Every frame of a video decoded as the middle of its window: (T, N, D) features (all patches, on
-    the model's device) -> merged slots and masks per frame. ``batch_size`` windows at a time."""
+    the model's device) -> merged slots and masks per frame, ``batch_size`` windows at a time (the
+    model is put in eval mode)."""
     model.eval()
     t = features.shape[0]
     slots, masks, counts = [], [], []
