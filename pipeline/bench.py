@@ -10,6 +10,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
   merge      the pseudo-label merge at ImageNet-1k size (1.28 M images, 2-3 masks each): time, peak memory
   sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
+  solv       SOLV training steps/s and inference frames/s at the paper's sizes (pipeline/bench_solv.py)
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
 
@@ -422,6 +423,12 @@ def sslvos() -> list[str]:
     return report()
 
 
+def solv() -> list[str]:
+    from pipeline.bench_solv import main
+
+    return main()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
@@ -429,6 +436,7 @@ SECTIONS = {
     "detector": detector,
     "merge": merge,
     "sslvos": sslvos,
+    "solv": solv,
 }
 
 
