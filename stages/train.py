@@ -124,19 +124,28 @@ def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
 # Training
 
 
-def build_trainer(cfg):
+def train_loader(cfg):
+    """detectron2's training loader over ``cfg.DATASETS.TRAIN``, images read by the project's decoder
+    (ImageMapper), with copy-paste between the images of each batch when ``INPUT.COPY_PASTE`` enables it."""
     from detectron2.data import build_detection_train_loader
-    from detectron2.engine import DefaultTrainer
 
     from stages.copy_paste import CopyPasteLoader
+    from stages.detectron_data import ImageMapper
+
+    rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
+    loader = build_detection_train_loader(cfg, mapper=ImageMapper(cfg, is_train=True))
+    return CopyPasteLoader.from_config(cfg, loader, rng)
+
+
+def build_trainer(cfg):
+    from detectron2.engine import DefaultTrainer
 
     class CutLERTrainer(DefaultTrainer):
-        """detectron2's trainer; its loader pastes objects between the images of each batch."""
+        """detectron2's trainer on our training loader (``train_loader``)."""
 
         @classmethod
         def build_train_loader(cls, cfg):
-            rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
-            return CopyPasteLoader.from_config(cfg, build_detection_train_loader(cfg), rng)
+            return train_loader(cfg)
 
     return CutLERTrainer(cfg)
 
