@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.ray_runner import run_configured
 from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, shard_records, write_jsonl
-from stages.datasets import ImageRecord, list_images
+from stages.datasets import ImageRecord, image_listing
 from stages.discover import Discoverer, run_shard
 from stages.export import coco_file, write_coco
 from stages.io import atomic_write_json, read_json
@@ -38,7 +38,8 @@ def run(cfg: Config) -> Path:
 
         return video.run(cfg)
     cfg = resolve_backbone(cfg)
-    records = list_images(cfg.dataset)
+    listing = image_listing(cfg.dataset)
+    records = listing.records
     if not records:
         raise RunError(f"dataset '{cfg.dataset.name}' has no images under {cfg.dataset.root}")
     run_dir = RunDir.for_config(cfg, "pseudolabels")
@@ -60,11 +61,12 @@ def run(cfg: Config) -> Path:
             f"{run_dir.shards}); fix the cause and re-run to do only the rest. First error: "
             f"{next(iter(report.failed.values()))}"
         )
-    return merge(run_dir, len(shards), time.perf_counter() - start)
+    return merge(run_dir, len(shards), time.perf_counter() - start, listing.skipped)
 
 
-def merge(run_dir: RunDir, n_shards: int, seconds: float) -> Path:
-    """Merge the shard files into one validated COCO file, failures.jsonl and summary.json."""
+def merge(run_dir: RunDir, n_shards: int, seconds: float, skipped: list[dict] = ()) -> Path:
+    """Merge the shard files into one validated COCO file, failures.jsonl and summary.json. ``skipped``:
+    the dataset's entries that are not images (``Listing.skipped``), listed first in failures.jsonl."""
     images, annotations, failures = [], [], []
     for i in range(n_shards):
         shard = read_json(run_dir.shard_file(i))
@@ -73,20 +75,21 @@ def merge(run_dir: RunDir, n_shards: int, seconds: float) -> Path:
         failures += shard["failures"]
     out = run_dir.path / OUTPUT
     write_coco(out, coco_file(images, annotations))
-    write_jsonl(run_dir.path / "failures.jsonl", failures)
+    write_jsonl(run_dir.path / "failures.jsonl", [*skipped, *failures])
     summary = {
         "images": len(images) + len(failures),
         "labelled": len(images),
         "failed": len(failures),
+        "skipped": len(skipped),
         "annotations": len(annotations),
         "seconds": round(seconds, 2),
     }
     atomic_write_json(run_dir.path / "summary.json", summary)
     print(
         f"{summary['images']} images: {summary['annotations']} masks on {summary['labelled']}, "
-        f"{summary['failed']} failed (see failures.jsonl) -> {out}",
+        f"{summary['failed']} failed, {summary['skipped']} skipped (see failures.jsonl) -> {out}",
         file=sys.stderr,
     )
-    for f in failures[:10]:
-        print(f"  failed: {f['file_name']}: {f['reason']}", file=sys.stderr)
+    for f in [*skipped, *failures][:10]:
+        print(f"  {f['file_name']}: {f['reason']}", file=sys.stderr)
     return out
