@@ -49,11 +49,17 @@ def read_json_file(path: Path, what: str) -> Any:
     """Parse a JSON file the user gave us; a file that is not JSON (truncated, empty, binary) is a
     DatasetError naming it and where parsing stopped."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is fine
             return json.load(f)
     except json.JSONDecodeError as e:
         size = Path(path).stat().st_size
-        hint = " (the file ends early: truncated?)" if e.pos >= size - 1 else ""
+        hint = (
+            " (the file is empty)"
+            if size == 0
+            else " (the file ends early: truncated?)"
+            if e.pos >= size - 1
+            else ""
+        )
         raise DatasetError(
             f"{what} {path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}"
         ) from e
@@ -71,8 +77,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_NUMBER_TYPES = frozenset({int, float})  # not bool
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return type(value) in _NUMBER_TYPES and math.isfinite(value)
+
+
+def _numbers(values: list) -> bool:
+    """All finite numbers, summed in C: COCO files hold millions of polygon coordinates."""
+    try:
+        return math.isfinite(sum(values))  # a str, None or list inside raises TypeError
+    except TypeError:
+        return False
 
 
 def _image_entry(i: int, image: Any) -> str:
@@ -137,7 +154,7 @@ def segmentation_problem(seg: Any, image: dict | None) -> str | None:
         return None
     if isinstance(seg, list):
         for k, poly in enumerate(seg):
-            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+            if not isinstance(poly, list) or not _numbers(poly):
                 return f"polygon {k} must be a list of numbers [x1, y1, x2, y2, ...], got {poly!r:.60}"
             if len(poly) < 6 or len(poly) % 2:
                 return f"polygon {k} needs an even number (>= 6) of coordinates, got {len(poly)}"
@@ -145,33 +162,40 @@ def segmentation_problem(seg: Any, image: dict | None) -> str | None:
     return f"must be polygons (a list) or an RLE (a dict), got {type(seg).__name__}"
 
 
+def _annotation_problems(ann: dict, images: dict[Any, dict]) -> list[str]:
+    """What is wrong with one COCO annotation (usually nothing)."""
+    out = []
+    image = images.get(ann.get("image_id"))
+    if "image_id" not in ann:
+        out.append("no 'image_id'")
+    elif image is None:
+        out.append(f"'image_id' {ann['image_id']!r} is not the id of any image")
+    seg = ann.get("segmentation")
+    has_seg = not no_segmentation(seg)
+    if has_seg and (why := segmentation_problem(seg, image)):
+        out.append(f"'segmentation': {why}")
+    if "bbox" in ann:
+        box = ann["bbox"]
+        if not (isinstance(box, list | tuple) and len(box) == 4 and _numbers(box)):
+            out.append(f"'bbox' must be 4 numbers [x, y, width, height], got {box!r:.60}")
+        elif box[2] < 0 or box[3] < 0:
+            out.append(f"'bbox' has a negative width or height: {box}")
+    elif not has_seg:
+        out.append("no 'bbox' and no 'segmentation': nothing to evaluate against")
+    if ann.get("iscrowd", 0) not in (0, 1):
+        out.append(f"'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
+    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+        out.append(f"'area' must be a number >= 0, got {ann['area']!r}")
+    return out
+
+
 def _check_annotations(anns: list, images: dict[Any, dict], problems: Problems) -> None:
     for i, ann in enumerate(anns):
-        entry = _annotation_entry(i, ann)
-        if not isinstance(ann, dict):
-            problems.add(entry, f"not an object: {ann!r:.60}")
-            continue
-        image = images.get(ann.get("image_id"))
-        if "image_id" not in ann:
-            problems.add(entry, "no 'image_id'")
-        elif image is None:
-            problems.add(entry, f"'image_id' {ann['image_id']!r} is not the id of any image")
-        seg = ann.get("segmentation")
-        has_seg = not no_segmentation(seg)
-        if has_seg and (why := segmentation_problem(seg, image)):
-            problems.add(entry, f"'segmentation': {why}")
-        if "bbox" in ann:
-            box = ann["bbox"]
-            if not (isinstance(box, list | tuple) and len(box) == 4 and all(_is_number(v) for v in box)):
-                problems.add(entry, f"'bbox' must be 4 numbers [x, y, width, height], got {box!r:.60}")
-            elif box[2] < 0 or box[3] < 0:
-                problems.add(entry, f"'bbox' has a negative width or height: {box}")
-        elif not has_seg:
-            problems.add(entry, "no 'bbox' and no 'segmentation': nothing to evaluate against")
-        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
-            problems.add(entry, f"'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
-        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
-            problems.add(entry, f"'area' must be a number >= 0, got {ann['area']!r}")
+        found = (
+            _annotation_problems(ann, images) if isinstance(ann, dict) else [f"not an object: {ann!r:.60}"]
+        )
+        for problem in found:
+            problems.add(_annotation_entry(i, ann), problem)
 
 
 def no_segmentation(seg: Any) -> bool:
