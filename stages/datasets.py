@@ -29,8 +29,6 @@ from stages.io import BadImage, image_size, is_image_name
 
 REPO_ROOT = CONFIG_DIR.parent
 
-__all__ = ["DatasetError", "ImageRecord", "Listing", "list_images", "image_listing", "ground_truth_coco"]
-
 
 @dataclass(frozen=True)
 class ImageRecord:
