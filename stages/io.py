@@ -36,9 +36,8 @@ def _image_suffixes() -> tuple[str, ...]:
     )
 
 
-IMAGE_SUFFIXES = (
-    _image_suffixes()
-)  # lower case, with the dot: every format Pillow reads (.jpg, .tif, .gif, ...)
+# Lower case, with the dot: every format Pillow reads (.jpg, .tif, .gif, ...).
+IMAGE_SUFFIXES = _image_suffixes()
 
 
 def is_image_name(name: str | Path) -> bool:
