@@ -1,4 +1,5 @@
-"""Video datasets: a folder of frame folders, DAVIS (JPEGImages/480p, Annotations/480p) and YouTube-VIS
+"""Video datasets: a folder of frame folders, DAVIS (JPEGImages/480p + the ground-truth folder named by
+``dataset.annotations``: Annotations_unsupervised/480p for DAVIS-17 unsupervised) and YouTube-VIS
 (JPEGImages/<video>/ + a json). Frames are ordered numerically. Ground truth is read only to evaluate.
 Listing checks the dataset's files first (the split list, the frame folders, the YouTube-VIS json entry by
 entry); evaluation checks every ground-truth file before computing anything."""
@@ -21,6 +22,7 @@ from stages.export import coco_file, mask_annotation
 from stages.io import is_image_name
 
 DAVIS_RES = "480p"  # the DAVIS layout's resolution folder
+DAVIS_VOID = 255  # DAVIS's label of pixels that count nowhere (object borders, unclear regions)
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,17 @@ def frame_records(cfg: DatasetConfig) -> list[ImageRecord]:
     return [ImageRecord(i + 1, f, str(root / f)) for i, f in enumerate(frames)]
 
 
+def davis_annotations(cfg: DatasetConfig) -> Path | None:
+    """The DAVIS ground-truth folder (holding one folder of PNGs per video): ``dataset.annotations``
+    relative to the dataset root (or absolute); None when the config names none."""
+    return resolve(cfg.root) / cfg.annotations if cfg.annotations else None
+
+
 def _davis_masks(cfg: DatasetConfig, video: VideoRecord) -> list[Path]:
-    folder = resolve(cfg.root) / "Annotations" / DAVIS_RES / video.name
-    return [folder / f"{Path(f).stem}.png" for f in video.frames]
+    folder = davis_annotations(cfg)
+    if folder is None:
+        raise DatasetError(f"dataset '{cfg.name}' names no ground-truth folder (dataset.annotations)")
+    return [folder / video.name / f"{Path(f).stem}.png" for f in video.frames]
 
 
 def check_video_ground_truth(cfg: DatasetConfig, videos: list[VideoRecord]) -> None:
@@ -181,7 +191,7 @@ def check_video_ground_truth(cfg: DatasetConfig, videos: list[VideoRecord]) -> N
         return
     if cfg.kind != "davis":
         raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
-    problems = Problems(str(resolve(cfg.root) / "Annotations" / DAVIS_RES))
+    problems = Problems(str(davis_annotations(cfg)))
     for video in videos:
         missing = [p.name for p in _davis_masks(cfg, video) if not p.is_file()]
         if missing:
@@ -203,14 +213,21 @@ def _id_map(path: Path) -> np.ndarray:
 
 def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
     """(T, H, W) object ids of a video (0 = background; DAVIS's void 255 counts as background)."""
+    return video_truth(cfg, video)[0]
+
+
+def video_truth(cfg: DatasetConfig, video: VideoRecord) -> tuple[np.ndarray, np.ndarray | None]:
+    """(T, H, W) object ids of a video (0 = background and void) and, for DAVIS, the (T, H, W) bool void
+    pixels (label 255), which evaluation leaves out; None for datasets without a void label."""
     if cfg.kind == "davis":
         maps = [_id_map(p) for p in _davis_masks(cfg, video)]
         sizes = {m.shape for m in maps}
         if len(sizes) > 1:
             raise DatasetError(f"{video.name}: its DAVIS masks differ in size: {sorted(sizes)}")
         ids = np.stack(maps).astype(np.int64)
-        ids[ids == 255] = 0
-        return ids
+        void = ids == DAVIS_VOID
+        ids[void] = 0
+        return ids, void
     if cfg.kind == "ytvis":
         data = _ytvis_json(str(resolve(cfg.annotations)))
         meta = next(v for v in data["videos"] if v["id"] == video.id)
@@ -227,7 +244,7 @@ def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
                     if isinstance(rle.get("counts"), list):
                         rle = mask_utils.frPyObjects(rle, meta["height"], meta["width"])
                     ids[t][mask_utils.decode(rle).astype(bool)] = k
-        return ids
+        return ids, None
     raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
 
 
@@ -238,7 +255,7 @@ def frames_ground_truth(cfg: DatasetConfig) -> dict | None:
         return None
     if cfg.kind == "ytvis" and "annotations" not in _ytvis_json(str(resolve(cfg.annotations))):
         return None  # e.g. YouTube-VIS valid.json: videos without annotations
-    if cfg.kind == "davis" and not (resolve(cfg.root) / "Annotations" / DAVIS_RES).is_dir():
+    if cfg.kind == "davis" and not (cfg.annotations and davis_annotations(cfg).is_dir()):
         return None
     ids = {r.file_name: r.id for r in frame_records(cfg)}
     videos = list_videos(cfg)
