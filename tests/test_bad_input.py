@@ -193,7 +193,7 @@ def test_voc_problems_are_named_by_file_and_entry(tmp_path):
 
 def test_video_dataset_problems_are_named(tmp_path):
     root = tmp_path / "davis"
-    write_davis_videos(root, n_videos=2, n_frames=3)
+    write_davis_videos(root, n_videos=2, n_frames=3, annotations="Annotations/480p")
     cfg = DatasetConfig("davis17", "davis", str(root), "Annotations/480p", "val")
     (root / "ImageSets" / "2017" / "val.txt").write_text("video0\nvideo1\nnope\n")
     with pytest.raises(DatasetError, match="val.txt: line 3: video 'nope' has no frame folder"):
