@@ -10,6 +10,7 @@ BACKBONE ?=
 ROUNDS ?=
 MODEL ?=
 ARGS ?=
+DEBUG ?=
 # The demo trains with the tiny CPU schedule (configs/presets/cpu-tiny.yaml); real datasets with the reference.
 PRESET ?= $(if $(filter demo demo-video,$(DATASET)),cpu-tiny)
 # DATA=, BACKBONE= and ROUNDS= are shorthands for config overrides; ARGS takes any key=value overrides.
@@ -18,7 +19,8 @@ OVERRIDES = $(if $(DATA),dataset.root=$(abspath $(DATA))) $(if $(BACKBONE),backb
 SELECT = --dataset $(DATASET) --method $(METHOD) $(if $(PRESET),--preset $(PRESET))
 # The demo dataset is assembled from packages on first use.
 DATA_DEPS = $(if $(filter demo demo-video,$(DATASET)),data/demo/annotations.json)
-RUN = HF_HUB_OFFLINE=1 $(PY) -m pipeline
+# DEBUG=1: on an error, the full traceback instead of one line.
+RUN = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
 
 .PHONY: install demo-data pseudolabels eval-corloc selftrain eval train-correlator test lint bench
 

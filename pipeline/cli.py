@@ -1,12 +1,13 @@
-"""Command line: python -m pipeline <command> [--dataset D] [--method M] [key=value ...]."""
+"""Command line: python -m pipeline [--debug] <command> [--dataset D] [--method M] [key=value ...]."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
-from pipeline.config import ConfigError, available, load_config
+from pipeline.config import CONFIG_DIR, ConfigError, available, load_config
 
 # User-facing failures: printed as one clear line, no traceback.
 from pipeline.runs import RunError
@@ -16,6 +17,7 @@ from stages.export import CocoError
 from stages.train import TrainingError
 
 USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError, TrainingError)
+REPO_ROOT = CONFIG_DIR.parent
 
 
 def _pseudolabels(cfg) -> None:
@@ -67,11 +69,18 @@ COMMANDS = {
 }
 
 
+DEBUG_HELP = "on any error, print the full traceback instead of one line"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # Also accepted after the command; SUPPRESS keeps the subcommand from resetting a --debug given before.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        s = sub.add_parser(name, help=help_text)
+        s = sub.add_parser(name, help=help_text, parents=[debug])
         s.add_argument("--dataset", default="demo", help=f"one of {available('datasets')}")
         s.add_argument("--method", default="maskcut", help=f"one of {available('methods')}")
         s.add_argument("--preset", default=None, help=f"one of {available('presets')}")
@@ -83,13 +92,60 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ours(filename: str) -> bool:
+    """A file of this project's own code (not an installed package, not this module)."""
+    path = Path(filename)
+    return path.is_relative_to(REPO_ROOT) and "site-packages" not in path.parts and path != Path(__file__)
+
+
+def _where(frame: traceback.FrameSummary) -> str:
+    """A traceback frame as 'file:line in function', the file relative to site-packages or the repository."""
+    parts = Path(frame.filename).parts
+    if "site-packages" in parts:
+        name = "/".join(parts[len(parts) - parts[::-1].index("site-packages") :])
+    elif Path(frame.filename).is_relative_to(REPO_ROOT):
+        name = Path(frame.filename).relative_to(REPO_ROOT).as_posix()
+    else:
+        name = frame.filename
+    return f"{name}:{frame.lineno} in {frame.name}"
+
+
+def describe(error: BaseException) -> str:
+    """One line for an unexpected exception: its type, its message, the file it names (OSError) or that our
+    code noted on it (``add_note``), where it was raised, and the project code that called into it."""
+    message = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {message[0] if message else repr(error)}"
+    filename = getattr(error, "filename", None)
+    if filename and str(filename) not in line:
+        line += f" (file {filename})"
+    for note in getattr(error, "__notes__", ()):
+        line += f" ({note})"
+    frames = traceback.extract_tb(error.__traceback__)
+    if frames:
+        line += f", raised at {_where(frames[-1])}"
+        ours = [f for f in frames[:-1] if _ours(f.filename)]
+        if ours and not _ours(frames[-1].filename):
+            line += f", called from {_where(ours[-1])}"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error is one line (exit 2); an unexpected exception is one line too (exit 1),
+    with the traceback only under --debug."""
     args = parser().parse_args(argv)
     try:
         cfg = load_config(args.dataset, args.method, args.overrides, args.preset)
         command = COMMANDS[args.command][0]
         command(cfg, args.model) if args.command == "eval" else command(cfg)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, USER_ERRORS):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"error: unexpected {describe(e)}. Re-run with --debug for the traceback.", file=sys.stderr)
+        return 1
     return 0

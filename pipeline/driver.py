@@ -323,10 +323,10 @@ def iter_shards(stage: ShardedStage) -> Iterator[dict]:
         yield stage.read(i)
 
 
-def merge_coco(stage: ShardedStage, out: Path, failures_out: Path) -> dict:
+def merge_coco(stage: ShardedStage, out: Path, failures_out: Path, skipped: list[dict] = ()) -> dict:
     """Stream the shards' images and annotations into one COCO file (written atomically; memory holds one
-    shard at a time and the set of image ids) and write their failures as JSON lines. Returns counts and
-    the failures."""
+    shard at a time and the set of image ids) and write their failures as JSON lines, after ``skipped``
+    (dataset entries that are not images, ``Listing.skipped``). Returns counts and the failures."""
     failures = []
     with CocoWriter(out) as coco:
         for i, shard in enumerate(iter_shards(stage)):
@@ -336,11 +336,12 @@ def merge_coco(stage: ShardedStage, out: Path, failures_out: Path) -> dict:
                 raise RunError(f"{stage.shard_file(i)}: {e}") from e
             failures += shard["failures"]
         coco.commit()
-    write_jsonl(failures_out, failures)
+    write_jsonl(failures_out, [*skipped, *failures])
     return {
         "images": coco.n_images + len(failures),
         "labelled": coco.n_images,
         "failed": len(failures),
+        "skipped": len(skipped),
         "annotations": coco.n_annotations,
-        "failures": failures,
+        "failures": [*skipped, *failures],
     }

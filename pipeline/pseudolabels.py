@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import BackboneConfig, Config, MethodConfig, RefineConfig
 from pipeline.driver import ShardedStage, ShardOutput, merge_coco, run_stage
 from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, shard_records
-from stages.datasets import ImageRecord, list_images
+from stages.datasets import ImageRecord, image_listing
 from stages.discover import Discoverer, run_shard
 from stages.export import validate_shard
 from stages.io import atomic_write_json
@@ -64,7 +64,8 @@ def run(cfg: Config) -> Path:
 
         return video.run(cfg)
     cfg = resolve_backbone(cfg)
-    records = list_images(cfg.dataset)
+    listing = image_listing(cfg.dataset)
+    records = listing.records
     if not records:
         raise RunError(f"dataset '{cfg.dataset.name}' has no images under {cfg.dataset.root}")
     run_dir = RunDir.for_config(cfg, "pseudolabels")
@@ -77,21 +78,22 @@ def run(cfg: Config) -> Path:
     )
     start = time.perf_counter()
     run_stage(stage, cfg.run, cfg.backbone.device)
-    return merge(stage, run_dir, time.perf_counter() - start)
+    return merge(stage, run_dir, time.perf_counter() - start, listing.skipped)
 
 
-def merge(stage: ShardedStage, run_dir: RunDir, seconds: float) -> Path:
-    """Merge the shard files into one COCO file (streamed), failures.jsonl and summary.json."""
+def merge(stage: ShardedStage, run_dir: RunDir, seconds: float, skipped: list[dict] = ()) -> Path:
+    """Merge the shard files into one COCO file (streamed), failures.jsonl and summary.json. ``skipped``:
+    the dataset's entries that are not images (``Listing.skipped``), listed first in failures.jsonl."""
     out = run_dir.path / OUTPUT
-    counts = merge_coco(stage, out, run_dir.path / "failures.jsonl")
+    counts = merge_coco(stage, out, run_dir.path / "failures.jsonl", skipped)
     failures = counts.pop("failures")
     summary = {**counts, "seconds": round(seconds, 2)}
     atomic_write_json(run_dir.path / "summary.json", summary)
     print(
         f"{summary['images']} images: {summary['annotations']} masks on {summary['labelled']}, "
-        f"{summary['failed']} failed (see failures.jsonl) -> {out}",
+        f"{summary['failed']} failed, {summary['skipped']} skipped (see failures.jsonl) -> {out}",
         file=sys.stderr,
     )
     for f in failures[:10]:
-        print(f"  failed: {f['file_name']}: {f['reason']}", file=sys.stderr)
+        print(f"  {f['file_name']}: {f['reason']}", file=sys.stderr)
     return out

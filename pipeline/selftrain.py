@@ -123,6 +123,9 @@ def run(cfg: Config) -> Path:
 
         cfg = resolve_correlator(cfg)
     check_train_config(cfg)
+    # Ground truth (where there is some) is checked now: a malformed file would otherwise stop the run at
+    # the first round's evaluation, after its training.
+    ground_truth_coco(cfg.dataset)
     labels0 = pseudolabels.run(cfg)  # round 0's labels (a no-op when that run is already complete)
     records = list_images(cfg.dataset)
     dataset_files = {r.file_name for r in records}

@@ -22,7 +22,7 @@ from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from stages.export import CocoWriter
 from stages.io import JsonListsWriter, atomic_write_json, load_rgb, read_json
 from stages.video_metrics import davis_jf, davis_proposals, fg_ari, miou_hungarian, with_background_proposal
-from stages.videos import frame_records, list_videos, video_truth
+from stages.videos import check_video_ground_truth, frame_records, list_videos, video_truth
 
 OUTPUT = "pseudolabels.json"  # per-frame COCO (what self-training reads)
 TRACKS = "ytvis.json"  # YouTube-VIS style: one annotation per track, a segmentation per frame
@@ -91,6 +91,7 @@ def clip_batches(cfg: Config, backbone: Backbone, start_step: int):
 def train_correlator(cfg: Config) -> Path:
     """Train (or resume) BA's correlator on the dataset's videos; returns the checkpoint path."""
     cfg = resolve_backbone(cfg)
+    list_videos(cfg.dataset)  # checks the dataset's files before the backbone is loaded
     run_dir = RunDir.for_config(cfg, "correlator")
     run_dir.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir.path / "config.yaml")
@@ -310,8 +311,10 @@ def evaluate(cfg: Config) -> dict:
             f"no BA tracks at {run_dir.path}: run `make pseudolabels METHOD=ba` with the same settings"
         )
     tracks = read_json(run_dir.path / TRACKS)
+    videos = list_videos(cfg.dataset)
+    check_video_ground_truth(cfg.dataset, videos)  # every video's, before any is scored
     per_video, js, fs, ious = {}, [], [], []
-    for video in list_videos(cfg.dataset):
+    for video in videos:
         gt, void = video_truth(cfg.dataset, video)
         pred = predicted_ids(tracks, video.id, gt.shape)
         jf = davis_jf(gt, davis_proposals(pred, background=True), void)

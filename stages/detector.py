@@ -29,7 +29,8 @@ class Detections:
 
 
 class Detector:
-    """Callable detector: ``det(rgb) -> Detections`` on an HxWx3 uint8 RGB image."""
+    """Callable detector: ``det(image) -> Detections`` on an HxWx3 uint8 RGB array or an image file (read
+    with the project's decoder, ``load_rgb``, as training and evaluation read it)."""
 
     def __init__(self, cfg, max_detections: int | None = None):
         from detectron2.engine import DefaultPredictor
@@ -43,7 +44,8 @@ class Detector:
         self.cfg = cfg
         self.predictor = DefaultPredictor(cfg)
 
-    def __call__(self, rgb: np.ndarray) -> Detections:
+    def __call__(self, image: np.ndarray | str | Path) -> Detections:
+        rgb = image if isinstance(image, np.ndarray) else load_rgb(Path(image))
         # DefaultPredictor takes BGR and converts to the model's INPUT.FORMAT (RGB) itself
         inst = self.predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["instances"].to("cpu")
         order = inst.scores.argsort(descending=True)
@@ -70,7 +72,8 @@ def detector_cfg(model_dir: Path, device: str = "auto"):
 
 
 def load_detector(model_dir: str | Path, device: str = "auto", max_detections: int | None = None) -> Detector:
-    """Load a detector directory produced by self-training: ``det = load_detector(path); det(rgb)``."""
+    """Load a detector directory produced by self-training: ``det = load_detector(path); det(rgb)`` (or
+    ``det("photo.jpg")``). Raises BadImage for a file that cannot be decoded."""
     return Detector(detector_cfg(Path(model_dir), device), max_detections)
 
 

@@ -124,29 +124,44 @@ def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
 # Training
 
 
-def build_trainer(cfg):
+def plain_loader(cfg):
+    """detectron2's training loader over ``cfg.DATASETS.TRAIN``, images read by the project's decoder
+    (ImageMapper, not detectron2's reader), without copy-paste."""
     from detectron2.data import build_detection_train_loader
-    from detectron2.engine import DefaultTrainer, hooks
 
+    from stages.detectron_data import ImageMapper
+
+    return build_detection_train_loader(cfg, mapper=ImageMapper(cfg, is_train=True))
+
+
+def train_loader(cfg):
+    """``plain_loader`` with copy-paste between the images of each batch when ``INPUT.COPY_PASTE``
+    enables it: what training reads."""
     from stages.copy_paste import CopyPasteLoader
 
+    rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
+    return CopyPasteLoader.from_config(cfg, plain_loader(cfg), rng)
+
+
+def build_trainer(cfg):
+    from detectron2.engine import DefaultTrainer, hooks
+
     class CutLERTrainer(DefaultTrainer):
-        """detectron2's trainer; its loader pastes objects between the images of each batch."""
+        """detectron2's trainer on our training loader (``train_loader``)."""
 
         @classmethod
         def build_train_loader(cls, cfg):
-            rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
-            return CopyPasteLoader.from_config(cfg, build_detection_train_loader(cfg), rng)
+            return train_loader(cfg)
 
         def build_hooks(self):
             # detectron2's PreciseBN hook (with BatchNorm layers only) reads build_train_loader, which
             # pastes here; CutLER pastes in its training step, so its BatchNorm statistics come from plain
-            # training images: give the hook those.
+            # training images: give the hook those (``plain_loader``).
             return [
                 hooks.PreciseBN(
                     self.cfg.TEST.EVAL_PERIOD,
                     self.model,
-                    build_detection_train_loader(self.cfg),
+                    plain_loader(self.cfg),
                     self.cfg.TEST.PRECISE_BN.NUM_ITER,
                 )
                 if isinstance(h, hooks.PreciseBN)

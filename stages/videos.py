@@ -1,6 +1,8 @@
 """Video datasets: a folder of frame folders, DAVIS (JPEGImages/480p + the ground-truth folder named by
 ``dataset.annotations``: Annotations_unsupervised/480p for DAVIS-17 unsupervised) and YouTube-VIS
-(JPEGImages/<video>/ + a json). Frames are ordered numerically. Ground truth is read only to evaluate."""
+(JPEGImages/<video>/ + a json). Frames are ordered numerically. Ground truth is read only to evaluate.
+Listing checks the dataset's files first (the split list, the frame folders, the YouTube-VIS json entry by
+entry); evaluation checks every ground-truth file before computing anything."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from PIL import Image
 
 from pipeline.config import DatasetConfig
 from stages import rle
-from stages.datasets import DatasetError, ImageRecord, resolve
+from stages.annotations import DatasetError, Problems, read_json_file, segmentation_problem
+from stages.datasets import ImageRecord, resolve
 from stages.export import coco_file, mask_annotation
-from stages.io import IMAGE_SUFFIXES, read_json
+from stages.io import is_image_name
 
 DAVIS_RES = "480p"  # the DAVIS layout's resolution folder
 DAVIS_VOID = 255  # DAVIS's label of pixels that count nowhere (object borders, unclear regions)
@@ -36,15 +39,73 @@ def frame_order(name: str) -> tuple:
 
 
 def _frames_in(folder: Path, root: Path) -> tuple[str, ...]:
-    files = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    files = [p for p in folder.iterdir() if is_image_name(p.name) and p.is_file()]
     return tuple(p.relative_to(root).as_posix() for p in sorted(files, key=lambda p: frame_order(p.name)))
 
 
 @functools.lru_cache(maxsize=1)
 def _ytvis_json(path: str) -> dict:
-    """A YouTube-VIS json, read once: it is large and asked for per video (listing, ground truth). Callers
-    only read it."""
-    return read_json(Path(path))
+    """A YouTube-VIS json, read and checked once: it is large and asked for per video (listing, ground
+    truth). Callers only read it."""
+    data = read_json_file(Path(path), "YouTube-VIS annotations")
+    check_ytvis(data, path)
+    return data
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_ytvis(data, source: str) -> None:
+    """Check a YouTube-VIS json: videos with a unique integer id, a unique folder, frame file names and a
+    size; annotations (when present) naming a known video, with one segmentation (or null) per frame.
+    Raises DatasetError listing the problems by entry and key."""
+    problems = Problems(source)
+    if not isinstance(data, dict) or not isinstance(data.get("videos"), list):
+        problems.add("top level", "not a YouTube-VIS file (no 'videos' list)")
+        problems.raise_any()
+    videos, folders = {}, {}
+    for i, video in enumerate(data["videos"]):
+        entry = f"videos[{i}]" + (f" (id {video['id']})" if isinstance(video, dict) and "id" in video else "")
+        if not isinstance(video, dict):
+            problems.add(entry, "not an object")
+            continue
+        names = video.get("file_names")
+        if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+            problems.add(entry, f"'file_names' must be a non-empty list of frame paths, got {names!r:.60}")
+        else:
+            folder = Path(names[0]).parent.as_posix()
+            if folder in folders:
+                problems.add(entry, f"frames in '{folder}', the folder of {folders[folder]} too")
+            folders[folder] = entry
+        for key in ("width", "height"):
+            if not _is_size(video.get(key)):
+                problems.add(entry, f"'{key}' must be a positive integer, got {video.get(key)!r}")
+        vid = video.get("id")
+        if not (isinstance(vid, int) and not isinstance(vid, bool)):
+            problems.add(entry, f"'id' must be an integer, got {vid!r}")
+        elif vid in videos:
+            problems.add(entry, f"duplicate video id {vid}")
+        else:
+            videos[vid] = video
+    for i, ann in enumerate(data.get("annotations") or []):
+        entry = f"annotations[{i}]"
+        video = videos.get(ann.get("video_id")) if isinstance(ann, dict) else None
+        if video is None:
+            problems.add(entry, "not an object with the 'video_id' of a listed video")
+            continue
+        segs = ann.get("segmentations")
+        if not isinstance(segs, list) or len(segs) != len(video.get("file_names") or []):
+            n = len(segs) if isinstance(segs, list) else segs
+            problems.add(
+                entry, f"'segmentations' must have one entry per frame ({len(video['file_names'])}), got {n}"
+            )
+            continue
+        frame = {"height": video["height"], "width": video["width"]}
+        for t, seg in enumerate(segs):
+            if seg is not None and (why := segmentation_problem(seg, frame)):
+                problems.add(f"{entry} frame {t}", why)
+    problems.raise_any()
 
 
 def list_videos(cfg: DatasetConfig) -> list[VideoRecord]:
@@ -66,17 +127,37 @@ def list_videos(cfg: DatasetConfig) -> list[VideoRecord]:
         ]
     base = root / "JPEGImages" / DAVIS_RES if cfg.kind == "davis" else root
     if cfg.kind == "davis" and cfg.split:
-        split = root / "ImageSets" / "2017" / f"{cfg.split}.txt"
-        if not split.is_file():
-            raise DatasetError(f"DAVIS split list not found: {split}")
-        names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+        names = _davis_split(root, cfg.split, base)
     else:
+        if not base.is_dir():
+            raise DatasetError(f"frame folder of dataset '{cfg.name}' not found: {base}")
         names = sorted(p.name for p in base.iterdir() if p.is_dir())
     videos = [VideoRecord(i + 1, n, _frames_in(base / n, root), str(root)) for i, n in enumerate(names)]
     empty = [v.name for v in videos if not v.frames]
     if empty:
         raise DatasetError(f"videos without frames in {base}: {empty[:5]}")
     return videos
+
+
+def _davis_split(root: Path, split_name: str, base: Path) -> list[str]:
+    """The videos of a DAVIS split list, each checked to have its frame folder."""
+    split = root / "ImageSets" / "2017" / f"{split_name}.txt"
+    if not split.is_file():
+        raise DatasetError(f"DAVIS split list not found: {split}")
+    problems = Problems(str(split))
+    names: list[str] = []
+    for n, line in enumerate(split.read_text().splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in names:
+            problems.add(f"line {n}", f"video '{name}' is listed twice")
+        elif not (base / name).is_dir():
+            problems.add(f"line {n}", f"video '{name}' has no frame folder {base / name}")
+        else:
+            names.append(name)
+    problems.raise_any()
+    return names
 
 
 def frame_records(cfg: DatasetConfig) -> list[ImageRecord]:
@@ -92,6 +173,44 @@ def davis_annotations(cfg: DatasetConfig) -> Path | None:
     return resolve(cfg.root) / cfg.annotations if cfg.annotations else None
 
 
+def _davis_masks(cfg: DatasetConfig, video: VideoRecord) -> list[Path]:
+    folder = davis_annotations(cfg)
+    if folder is None:
+        raise DatasetError(f"dataset '{cfg.name}' names no ground-truth folder (dataset.annotations)")
+    return [folder / video.name / f"{Path(f).stem}.png" for f in video.frames]
+
+
+def check_video_ground_truth(cfg: DatasetConfig, videos: list[VideoRecord]) -> None:
+    """Before any evaluation work: every video has its ground truth (DAVIS: a mask per frame; YouTube-VIS:
+    an annotations list). Raises DatasetError naming what is missing."""
+    if cfg.kind == "ytvis":
+        if not cfg.annotations or "annotations" not in _ytvis_json(str(resolve(cfg.annotations))):
+            raise DatasetError(
+                f"dataset '{cfg.name}': {cfg.annotations} has no 'annotations' to evaluate against"
+            )
+        return
+    if cfg.kind != "davis":
+        raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
+    problems = Problems(str(davis_annotations(cfg)))
+    for video in videos:
+        missing = [p.name for p in _davis_masks(cfg, video) if not p.is_file()]
+        if missing:
+            problems.add(
+                video.name, f"no mask for {len(missing)} of {len(video.frames)} frames (e.g. {missing[:3]})"
+            )
+    problems.raise_any()
+
+
+def _id_map(path: Path) -> np.ndarray:
+    """One DAVIS mask: a palette or grey PNG whose values are object ids."""
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L"):
+            raise DatasetError(
+                f"{path}: a DAVIS mask must be a palette or grey PNG of object ids, not {img.mode}"
+            )
+        return np.array(img)
+
+
 def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
     """(T, H, W) object ids of a video (0 = background; DAVIS's void 255 counts as background)."""
     return video_truth(cfg, video)[0]
@@ -101,10 +220,10 @@ def video_truth(cfg: DatasetConfig, video: VideoRecord) -> tuple[np.ndarray, np.
     """(T, H, W) object ids of a video (0 = background and void) and, for DAVIS, the (T, H, W) bool void
     pixels (label 255), which evaluation leaves out; None for datasets without a void label."""
     if cfg.kind == "davis":
-        folder = davis_annotations(cfg)
-        if folder is None:
-            raise DatasetError(f"dataset '{cfg.name}' names no ground-truth folder (dataset.annotations)")
-        maps = [np.array(Image.open(folder / video.name / f"{Path(f).stem}.png")) for f in video.frames]
+        maps = [_id_map(p) for p in _davis_masks(cfg, video)]
+        sizes = {m.shape for m in maps}
+        if len(sizes) > 1:
+            raise DatasetError(f"{video.name}: its DAVIS masks differ in size: {sorted(sizes)}")
         ids = np.stack(maps).astype(np.int64)
         void = ids == DAVIS_VOID
         ids[void] = 0
@@ -127,11 +246,15 @@ def frames_ground_truth(cfg: DatasetConfig) -> dict | None:
     for detector AP and CorLoc on video frames; None when the dataset has no annotations."""
     if cfg.kind == "framefolders" or (cfg.kind == "ytvis" and not cfg.annotations):
         return None
+    if cfg.kind == "ytvis" and "annotations" not in _ytvis_json(str(resolve(cfg.annotations))):
+        return None  # e.g. YouTube-VIS valid.json: videos without annotations
     if cfg.kind == "davis" and not (cfg.annotations and davis_annotations(cfg).is_dir()):
         return None
     ids = {r.file_name: r.id for r in frame_records(cfg)}
+    videos = list_videos(cfg)
+    check_video_ground_truth(cfg, videos)
     images, annotations = [], []
-    for video in list_videos(cfg):
+    for video in videos:
         truth = video_ground_truth(cfg, video)
         for frame, objects in zip(video.frames, truth, strict=True):
             height, width = objects.shape

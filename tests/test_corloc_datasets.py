@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.config import DatasetConfig
 from stages.corloc import corloc
@@ -41,6 +42,7 @@ def voc(tmp_path):
             for a, b, c, d in boxes
         )
         (root / "Annotations" / f"{name}.xml").write_text(f"<annotation>{objs}</annotation>")
+        Image.fromarray(np.zeros((60, 120, 3), np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
     return DatasetConfig(name="voc07", kind="voc", root=str(root), annotations=None, split="trainval")
 
 
