@@ -214,14 +214,14 @@ def stage_views(tmp_path_factory):
     for name, p in paths.items():
         record = ImageRecord(1, name, str(p))
         d = CapturingDiscoverer()
-        discover.run_shard(d, [record], tmp_path / "discover.json", 1)
+        discover.run_shard(d, [record], 1)
         views[name]["discovery"] = d.seen[0]
         v = CapturingVideoDiscoverer()
-        ba.run_video(v, VideoRecord(1, "clip", (name,), str(tmp_path)), tmp_path / "ba.json", None)
+        ba.run_video(v, VideoRecord(1, "clip", (name,), str(tmp_path)), overlay=False)
         views[name]["ba"] = v.seen[0]
         detector = det.Detector.__new__(det.Detector)  # the detector API around a stand-in model
         detector.predictor = CapturingPredictor()
-        det.run_shard(detector, [record], tmp_path / "detect.json")  # relabelling and evaluation
+        det.run_shard(detector, [record])  # relabelling and evaluation
         detector(p)  # the API called on a file
         views[name]["relabel/eval"], views[name]["detector api"] = detector.predictor.seen
     for name, image in training_images(tmp_path, paths).items():
