@@ -175,6 +175,55 @@ def test_dino_resnet50_converts_to_every_detectron2_backbone_weight(tmp_path):
     assert converted["backbone.bottom_up.res5.2.conv3.weight"].shape == d2["res5.2.conv3.weight"].shape
 
 
+def _randomised_resnet50(seed: int) -> torchvision.models.ResNet:
+    """A torchvision ResNet-50 whose BatchNorm affine parameters and running statistics are all different
+    (a fresh model has ones and zeros everywhere, so swapped tensors of the same shape would not show)."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet50()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.weight.data = torch.empty(n).uniform_(0.5, 1.5)
+            module.bias.data = torch.randn(n) * 0.1
+            module.running_mean = torch.randn(n) * 0.1
+            module.running_var = torch.empty(n).uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_converted_dino_resnet50_computes_what_torchvision_computes(tmp_path):
+    # Independent of the name mapping: the converted weights in detectron2's ResNet must give torchvision's
+    # stage outputs (res2..res5 = layer1..layer4) on the same image, tensor for tensor.
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_resnet_backbone
+
+    reference = _randomised_resnet50(seed=5)
+    path = tmp_path / "dino_resnet50_pretrain.pth"
+    torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, path)  # DDP-style names
+    converted = train.convert_resnet50(path)
+
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3)).eval()
+    prefix = "backbone.bottom_up."
+    assert all(k.startswith(prefix) for k in converted)
+    missing, unexpected = backbone.load_state_dict({k[len(prefix) :]: v for k, v in converted.items()}, False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing)
+
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = backbone(x)
+        y = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        for stage in range(1, 5):
+            y = getattr(reference, f"layer{stage}")(y)
+            want = got[f"res{stage + 1}"]
+            assert want.shape == y.shape
+            assert (want - y).abs().max() <= 1e-4 * y.abs().max(), f"res{stage + 1}"
+
+
 def test_rounds_are_evaluated_only_where_there_is_ground_truth(images, trained, monkeypatch):
     import dataclasses
 
