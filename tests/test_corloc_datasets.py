@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import DatasetConfig
 from stages.corloc import corloc
-from stages.datasets import ground_truth_boxes, list_images
+from stages.datasets import DatasetError, ground_truth_boxes, list_images
 
 
 def test_corloc_is_the_exact_fraction_of_hits():
@@ -84,5 +84,5 @@ def test_image_folder_is_recursive_and_sorted(tmp_path):
         (tmp_path / name).write_bytes(b"")
     cfg = DatasetConfig("f", "imagefolder", str(tmp_path), None, None)
     assert [(r.id, r.file_name) for r in list_images(cfg)] == [(1, "a/c.webp"), (2, "a/d.png"), (3, "b.JPG")]
-    with pytest.raises(Exception, match="no ground truth"):
+    with pytest.raises(DatasetError, match=r"dataset 'f' \(imagefolder\) has no ground truth"):
         ground_truth_boxes(cfg)
