@@ -124,4 +124,6 @@ def test_timm_model_reproduces_onnx_backbone(cached):
     with torch.no_grad():
         got = model.forward_features(torch.from_numpy(x)).numpy()
     assert got.shape == expected.shape == (1, 257, 384)
-    assert np.abs(got - expected).max() < 1e-3
+    # README: "reproduces the package's own ONNX backbone to 4e-5" (measured 2.3e-5; tokens up to ~6.5).
+    # 1e-3 would let a position embedding rounded to float16 through (error 8e-4).
+    assert np.abs(got - expected).max() < 4e-5
