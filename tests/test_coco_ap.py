@@ -8,6 +8,7 @@ import pytest
 
 from stages.coco_ap import evaluate_ap, ground_truth_as_detections
 from stages.export import mask_annotation
+from tests.optional import require
 
 
 def toy_gt():
@@ -55,8 +56,7 @@ def test_a_box_shifted_to_iou_0_6_counts_at_50_not_at_75():
 
 def test_demo_ground_truth_against_itself(tmp_path):
     path = Path(__file__).resolve().parent.parent / "data" / "demo" / "annotations.json"
-    if not path.exists():
-        pytest.skip("demo data not assembled (make demo-data)")
+    require(path.exists(), "demo data not assembled (make demo-data)")
     gt = json.loads(path.read_text())
     res = evaluate_ap(gt, ground_truth_as_detections(gt), max_dets=100)
     assert res["bbox"]["AP"] == pytest.approx(1.0) and res["segm"]["AP"] == pytest.approx(1.0)
