@@ -76,6 +76,14 @@ def hard_scene(
     return torch.from_numpy(keys.reshape(h * w, dim)).float(), truth
 
 
+def box_iou(a, b) -> float:
+    """IoU of two [x0, y0, x1, y1] boxes (written here, apart from the code under test)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return float(w * h / (area_a + area_b - w * h))
+
+
 def object_image(height: int, width: int, box: Box, seed: int = 0) -> np.ndarray:
     """A dark, slightly noisy image with one bright red rectangle (pixel box y0, x0, y1, x1)."""
     rng = np.random.default_rng(seed)

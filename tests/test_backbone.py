@@ -124,8 +124,9 @@ def test_features_at_any_size_and_lean_keys_match_the_full_forward():
 
 
 def test_queries_keys_values_and_attention_are_the_last_blocks_own():
-    # BA's baseline reads queries and attention, MaskCut/TokenCut/LOST the keys: each must be its own slice
-    # of timm's qkv output (q, k, v in that order), with heads concatenated; attention = softmax(q k^T / sqrt(d)).
+    # BA's baseline reads queries and attention, MaskCut/TokenCut/LOST the keys: each must be its own
+    # slice of timm's qkv output (q, k, v in that order), heads concatenated;
+    # attention = softmax(q k^T / sqrt(head_dim)).
     backbone = Backbone(ARCH, None, "cpu", random_init=True)
     x = image_batch(64, 64)
     seen = {}

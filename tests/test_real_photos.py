@@ -13,6 +13,7 @@ from stages.backbone import Backbone, find_weights
 from stages.discover import Discoverer
 from stages.io import load_rgb
 from tests.optional import require
+from tests.synthetic import box_iou
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -35,13 +36,6 @@ def quokka():
     return load_rgb(DEMO / "images" / "quokka.jpg"), np.array([x, y, x + w, y + h])
 
 
-def iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return w * h / (area(a) + area(b) - w * h)
-
-
 LOST_DEGENERATE = (
     "LOST on raw DINOv2 keys: every pair of keys has a positive product, so every patch has degree n - 1, "
     "the seed is patch 0 and the object is the whole image (it 'hits' only objects that fill the photo). "
@@ -51,7 +45,11 @@ LOST_DEGENERATE = (
 
 @pytest.mark.parametrize(
     "method",
-    ["maskcut", "tokencut", pytest.param("lost", marks=pytest.mark.xfail(strict=True, reason=LOST_DEGENERATE))],
+    [
+        "maskcut",
+        "tokencut",
+        pytest.param("lost", marks=pytest.mark.xfail(strict=True, reason=LOST_DEGENERATE)),
+    ],
 )
 def test_method_finds_the_quokka_with_dinov2(method, dinov2, quokka):
     # MaskCut resizes to 476x476 and maps the box back to 640x429; TokenCut and LOST pad to 644x434.
@@ -61,5 +59,5 @@ def test_method_finds_the_quokka_with_dinov2(method, dinov2, quokka):
     x, y, w, h = objects.boxes[0]
     # Measured: MaskCut 0.85, TokenCut 0.87. Tighter than a CorLoc hit (0.5): MaskCut's box left in the
     # 476x476 frame instead of mapped back to 640x429 still reaches 0.53.
-    assert iou([x, y, x + w, y + h], truth) >= 0.7
+    assert box_iou([x, y, x + w, y + h], truth) >= 0.7
     assert w * h < 0.6 * rgb.shape[0] * rgb.shape[1]  # not the whole photo (the quokka's box covers 39%)
