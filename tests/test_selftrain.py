@@ -466,16 +466,14 @@ def test_an_interrupted_self_training_round_resumes_from_its_own_checkpoint(trai
 
     resumed = {}
 
+    class RecordStart(HookBase):  # what training starts from, after everything train() loaded
+        def before_train(self):
+            resumed["start"] = self.trainer.iter
+            resumed["weights"] = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items()}
+
     def recording_trainer(d2cfg):
         trainer = build(d2cfg)
-        original = trainer.resume_or_load
-
-        def resume_or_load(resume):
-            original(resume=resume)
-            resumed["start"] = trainer.start_iter
-            resumed["weights"] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-        trainer.resume_or_load = resume_or_load
+        trainer.register_hooks([RecordStart()])
         return trainer
 
     monkeypatch.setattr(train, "build_trainer", recording_trainer)
