@@ -79,6 +79,7 @@ def train_round(cfg: Config, r: int, round_dir: Path, weights: str, dataset_name
     d2cfg = train.detectron_cfg(cfg.train, r, round_dir, weights, device)
     d2cfg.DATASETS.TRAIN = (dataset_name,)
     d2cfg.DATASETS.TEST = ()
+    d2cfg.SEED = cfg.seed  # detectron2's default (-1) draws a new seed every run: rounds would not repeat
     atomic_write_text(round_dir / det.CONFIG, d2cfg.dump())
     gpus = cfg.train.num_gpus or (torch.cuda.device_count() if device == "cuda" else 0)
     args = (d2cfg, dataset_name, round_dir / LABELS, str(resolve(cfg.dataset.root)))

@@ -137,9 +137,12 @@ def plain_loader(cfg):
 def train_loader(cfg):
     """``plain_loader`` with copy-paste between the images of each batch when ``INPUT.COPY_PASTE``
     enables it: what training reads."""
+    from detectron2.utils import comm
+
     from stages.copy_paste import CopyPasteLoader
 
-    rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
+    # Seeded per process (as detectron2 seeds each rank), so each GPU pastes differently.
+    rng = np.random.default_rng(cfg.SEED + comm.get_rank() if cfg.SEED >= 0 else None)
     return CopyPasteLoader.from_config(cfg, plain_loader(cfg), rng)
 
 
@@ -192,8 +195,17 @@ def training_log(output_dir: str):
 
 
 def train(cfg) -> Path:
-    """Train (or resume from the last checkpoint in cfg.OUTPUT_DIR); returns model_final.pth."""
+    """Train (or resume from the last checkpoint in cfg.OUTPUT_DIR); returns model_final.pth.
+
+    With cfg.SEED >= 0 the round is reproducible: torch, numpy and Python are seeded (seed + process rank,
+    as detectron2's default_setup does) before the model's initialisation, the data order, the
+    augmentations and the copy-paste generator draw from them."""
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
     with training_log(cfg.OUTPUT_DIR):
+        if cfg.SEED >= 0:
+            seed_all_rng(cfg.SEED + comm.get_rank())
         trainer = build_trainer(cfg)
         trainer.resume_or_load(resume=True)
         trainer.train()

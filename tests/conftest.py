@@ -11,7 +11,15 @@ def ray_local():
     """One small local Ray for the tests that run stages on it."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="WARNING")
+    # address="local": a new instance even when another Ray was started with `ray start` on this machine
+    # (ray.init() would attach to it through /tmp/ray/ray_current_cluster).
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=80 * 2**20,
+        include_dashboard=False,
+        logging_level="WARNING",
+    )
     yield
     ray.shutdown()
 

@@ -25,6 +25,65 @@ def planted_keys(
     return 5 * keys, truth
 
 
+Shape = tuple[str, int, int, int, int]  # 'box' or 'ellipse', then its bounding box y0, x0, y1, x1 (exclusive)
+
+
+def shape_mask(grid: tuple[int, int], shape: Shape) -> np.ndarray:
+    """(h, w) bool mask of a box or of the ellipse inscribed in the box."""
+    kind, y0, x0, y1, x1 = shape
+    yy, xx = np.mgrid[0 : grid[0], 0 : grid[1]]
+    if kind == "box":
+        return (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+    cy, cx, ry, rx = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2, (y1 - y0) / 2, (x1 - x0) / 2
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def hard_scene(
+    grid: tuple[int, int],
+    shapes: list[Shape],
+    seed: int,
+    object_similarity: float = 0.0,
+    offset: float = 0.0,
+    noise: float = 1.5,
+    dim: int = 64,
+) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """(h*w, dim) keys of a scene where the reference graph settings matter, and each object's truth mask.
+
+    Every patch is the unit direction of its region plus Gaussian noise of norm ``noise``: a 'sky' band
+    (top 55%) and a 'ground' band with directions of cosine 0.7, objects at cosine -0.3 to both bands and
+    ``object_similarity`` to each other. With noise 1.5 the cosine of two patches of one object is only
+    ~0.3 (about the cosine of the two bands), object-background ~-0.1: a cut at tau 0.15 separates the
+    objects from one background, a higher tau also splits the bands (MaskCut then returns a band as an
+    object), a tau below 0 joins objects and background. ``offset`` adds one shared vector to every key
+    (as DINOv2's keys have): raw cosines are then all high, and only centred keys can be cut.
+    """
+    rng = np.random.default_rng(seed)
+    n = 2 + len(shapes)
+    gram = np.full((n, n), object_similarity)
+    gram[:2, :] = gram[:, :2] = -0.3
+    gram[0, 1] = gram[1, 0] = 0.7
+    np.fill_diagonal(gram, 1.0)
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    directions = np.linalg.cholesky(gram) @ basis[:n]  # unit rows with exactly that Gram matrix
+    h, w = grid
+    region = np.where(np.arange(h)[:, None] < 0.55 * h, 0, 1).repeat(w, axis=1)
+    truth: list[np.ndarray] = []
+    for j, shape in enumerate(shapes):
+        inside = shape_mask(grid, shape)
+        region[inside] = 2 + j
+        truth = [t & ~inside for t in truth] + [inside]
+    keys = directions[region] + noise * rng.standard_normal((h, w, dim)) / np.sqrt(dim) + offset * basis[-1]
+    return torch.from_numpy(keys.reshape(h * w, dim)).float(), truth
+
+
+def box_iou(a, b) -> float:
+    """IoU of two [x0, y0, x1, y1] boxes (written here, apart from the code under test)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area_a, area_b = (a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])
+    return float(w * h / (area_a + area_b - w * h))
+
+
 def object_image(height: int, width: int, box: Box, seed: int = 0) -> np.ndarray:
     """A dark, slightly noisy image with one bright red rectangle (pixel box y0, x0, y1, x1)."""
     rng = np.random.default_rng(seed)

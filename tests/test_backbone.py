@@ -45,9 +45,15 @@ def test_plain_dino_pth_and_timm_safetensors_give_the_same_features(tmp_path):
 
 def test_dinov2_mask_token_is_ignored(tmp_path):
     state = tiny_timm_model().state_dict()
+    torch.save(state, tmp_path / "plain.pth")
     state["mask_token"] = torch.zeros(1, 48)
     torch.save(state, tmp_path / "v2.pth")
-    Backbone(ARCH, tmp_path / "v2.pth", "cpu")
+    loaded = Backbone(ARCH, tmp_path / "v2.pth", "cpu")
+    assert "mask_token" not in loaded.model.state_dict()
+    for key, value in loaded.model.state_dict().items():  # every other weight is the checkpoint's
+        assert torch.equal(value, state[key]), key
+    plain = Backbone(ARCH, tmp_path / "plain.pth", "cpu")
+    assert torch.equal(loaded(image_batch()).keys, plain(image_batch()).keys)
 
 
 @pytest.mark.parametrize(
@@ -115,6 +121,27 @@ def test_features_at_any_size_and_lean_keys_match_the_full_forward():
     backbone.model.forward_features(x)
     handle.remove()
     assert torch.allclose(backbone(x).keys, seen["qkv"][..., 48:96], atol=1e-5)
+
+
+def test_queries_keys_values_and_attention_are_the_last_blocks_own():
+    # BA's baseline reads queries and attention, MaskCut/TokenCut/LOST the keys: each must be its own
+    # slice of timm's qkv output (q, k, v in that order), heads concatenated;
+    # attention = softmax(q k^T / sqrt(head_dim)).
+    backbone = Backbone(ARCH, None, "cpu", random_init=True)
+    x = image_batch(64, 64)
+    seen = {}
+    handle = backbone.model.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o))
+    backbone.model.forward_features(x)
+    handle.remove()
+    q, k, v = seen["qkv"].split(48, dim=-1)
+    feats = backbone(x, want=("keys", "queries", "values", "attention"))
+    assert not torch.allclose(q, k, atol=1e-3)  # random weights: a swap would show
+    assert torch.allclose(feats.queries, q, atol=1e-5)
+    assert torch.allclose(feats.keys, k, atol=1e-5)
+    assert torch.allclose(feats.values, v, atol=1e-5)
+    heads = lambda t: t.reshape(1, -1, 3, 16).transpose(1, 2)  # noqa: E731  (B, heads, n, head_dim)
+    expected = torch.softmax(heads(q) @ heads(k).transpose(-2, -1) / 16**0.5, dim=-1)
+    assert torch.allclose(feats.attention, expected, atol=1e-5)
 
 
 def test_bfloat16_precision_autocasts_and_returns_float32_close_to_the_float32_pass():

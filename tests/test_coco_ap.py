@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from stages.coco_ap import evaluate_ap, ground_truth_as_detections
 from stages.export import mask_annotation
+from tests.optional import require
 
 
 def toy_gt():
@@ -55,8 +57,62 @@ def test_a_box_shifted_to_iou_0_6_counts_at_50_not_at_75():
 
 def test_demo_ground_truth_against_itself(tmp_path):
     path = Path(__file__).resolve().parent.parent / "data" / "demo" / "annotations.json"
-    if not path.exists():
-        pytest.skip("demo data not assembled (make demo-data)")
+    require(path.exists(), "demo data not assembled (make demo-data)")
     gt = json.loads(path.read_text())
     res = evaluate_ap(gt, ground_truth_as_detections(gt), max_dets=100)
     assert res["bbox"]["AP"] == pytest.approx(1.0) and res["segm"]["AP"] == pytest.approx(1.0)
+
+
+def rect_rle(x0, y0, x1, y1, size=100):
+    m = np.zeros((size, size), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def test_ap_and_ar_equal_the_values_computed_by_hand():
+    # Ground truth written by hand: image 1 has A and B, image 2 has C (boxes x0, y0, x1, y1).
+    boxes = {"A": (1, (10, 10, 40, 40)), "B": (1, (60, 60, 90, 90)), "C": (2, (20, 20, 60, 60))}
+    gt = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 100, "height": 100} for i in (1, 2)],
+        "annotations": [
+            {
+                "id": k,
+                "image_id": image_id,
+                "category_id": 7,
+                "iscrowd": 0,
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "area": (x1 - x0) * (y1 - y0),
+                "segmentation": rect_rle(x0, y0, x1, y1),
+            }
+            for k, (image_id, (x0, y0, x1, y1)) in enumerate(boxes.values(), 1)
+        ],
+        "categories": [{"id": 7, "name": "thing"}],
+    }
+    # Ranked detections: A exactly (TP), a box on nothing (FP), C shifted 9 px (IoU 31/49 = 0.63: TP at
+    # IoU thresholds 0.5-0.6, FP at 0.65-0.95), A again (a duplicate: FP). B is missed.
+    dets = [
+        (1, 0.9, (10, 10, 40, 40)),
+        (2, 0.8, (70, 70, 90, 90)),
+        (2, 0.7, (29, 20, 69, 60)),
+        (1, 0.6, (10, 10, 40, 40)),
+    ]
+    detections = [
+        {
+            "image_id": i,
+            "score": s,
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "segmentation": rect_rle(x0, y0, x1, y1),
+        }
+        for i, s, (x0, y0, x1, y1) in dets
+    ]
+    # COCO's 101-point interpolated precision. At IoU 0.5-0.6 (3 thresholds): precision 1 up to recall 1/3
+    # (34 recall points 0.00-0.33), 2/3 up to recall 2/3 (33 points), 0 beyond: AP = (34 + 33 * 2/3) / 101.
+    # At 0.65-0.95 (7 thresholds): precision 1 up to recall 1/3 only: AP = 34 / 101. Recall: 2/3, then 1/3.
+    ap_low, ap_high = 56 / 101, 34 / 101
+    res = evaluate_ap(gt, detections, max_dets=100)
+    for kind in ("bbox", "segm"):
+        assert res[kind]["AP50"] == pytest.approx(ap_low)
+        assert res[kind]["AP75"] == pytest.approx(ap_high)
+        assert res[kind]["AP"] == pytest.approx((3 * ap_low + 7 * ap_high) / 10)
+        assert res[kind]["AR100"] == pytest.approx((3 * 2 / 3 + 7 * 1 / 3) / 10)

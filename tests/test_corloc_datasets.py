@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.config import DatasetConfig
 from stages.corloc import corloc
-from stages.datasets import ground_truth_boxes, list_images
+from stages.datasets import DatasetError, ground_truth_boxes, list_images
 
 
 def test_corloc_is_the_exact_fraction_of_hits():
@@ -86,5 +86,21 @@ def test_image_folder_is_recursive_and_sorted(tmp_path):
         (tmp_path / name).write_bytes(b"")
     cfg = DatasetConfig("f", "imagefolder", str(tmp_path), None, None)
     assert [(r.id, r.file_name) for r in list_images(cfg)] == [(1, "a/c.webp"), (2, "a/d.png"), (3, "b.JPG")]
-    with pytest.raises(Exception, match="no ground truth"):
+    with pytest.raises(DatasetError, match=r"dataset 'f' \(imagefolder\) has no ground truth"):
         ground_truth_boxes(cfg)
+
+
+def test_a_detectors_corloc_box_is_its_best_scored_regressed_box():
+    from pipeline.evaluate import top1_boxes
+
+    predictions = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "annotations": [
+            {"image_id": 1, "score": 0.3, "bbox": [0, 0, 5, 5], "det_bbox": [0, 0, 6, 6]},
+            {"image_id": 1, "score": 0.9, "bbox": [10, 20, 5, 5], "det_bbox": [11, 21, 4, 6]},
+            {"image_id": 1, "score": 0.5, "bbox": [30, 30, 5, 5], "det_bbox": [30, 30, 5, 5]},
+        ],
+    }
+    boxes = top1_boxes(predictions)
+    assert boxes["a.jpg"].tolist() == [11, 21, 15, 27]  # xyxy of the 0.9 detection's own (regressed) box
+    assert boxes["b.jpg"] is None  # no detection: a miss for CorLoc

@@ -103,6 +103,34 @@ def test_classification_loss_is_the_weighted_mean_over_all_proposals():
     assert 0 < loss.item() < torch.nn.functional.cross_entropy(scores, classes).item()
 
 
+def test_weights_come_from_the_regressed_boxes_not_the_proposals():
+    # Each proposal is regressed (by the deltas given) to a box whose DropLoss verdict is the opposite of
+    # its own: only weights taken from the regressed boxes give the expected loss.
+    ours, _ = _predictors(enabled=True)
+    proposal_boxes = torch.tensor(
+        [
+            [20.0, 20.0, 30.0, 30.0],  # overlaps nothing, regressed onto GT[0]: kept
+            [0.0, 0.0, 10.0, 10.0],  # on GT[0], regressed away from every pseudo-box: dropped
+            [41.0, 41.0, 50.0, 48.0],  # inside GT[1], regressed to a corner far from both: dropped
+        ]
+    )
+    regressed = torch.tensor([[1.0, 1.0, 9.0, 9.0], [20.0, 20.0, 30.0, 30.0], [52.0, 2.0, 62.0, 12.0]])
+    weights = [1.0, 0.0, 0.0]
+    image = Instances((64, 64))
+    image.proposal_boxes = Boxes(proposal_boxes)
+    image.gt_classes = torch.tensor([0, 1, 0])
+    image.gt_boxes = Boxes(GT[[0, 0, 1]])
+    (image,) = attach_image_gt_boxes([image], [Instances((64, 64), gt_boxes=Boxes(GT))])
+    deltas = ours.box2box_transform.get_deltas(proposal_boxes, regressed)  # detectron2's own encoding
+    assert torch.allclose(ours.box2box_transform.apply_deltas(deltas, proposal_boxes), regressed, atol=1e-4)
+    scores = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    with EventStorage():
+        loss = ours.losses((scores, deltas), [image])["loss_cls"]
+    log_probs = torch.log_softmax(scores.double(), dim=1)
+    expected = sum(-w * log_probs[i, image.gt_classes[i]].item() for i, w in enumerate(weights)) / 3
+    assert math.isclose(loss.item(), expected, rel_tol=1e-5)
+
+
 def test_disabled_losses_are_bit_identical_to_stock():
     ours, stock = _predictors(enabled=False)
     proposals = _proposals()

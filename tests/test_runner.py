@@ -143,3 +143,39 @@ def test_changed_image_list_is_refused(images, first_run):
             run(cfg)
     finally:
         extra.unlink()
+
+
+def test_discovery_boxes_are_mapped_back_from_the_resized_image(images, first_run):
+    # method.resize=96 squeezes the 128x96 images to 96x96 (12x12 patches of 8): every discovery box must
+    # come back in the image's own pixels, x scaled by 128/96. The patch masks are recomputed here with the
+    # workers' backbone (same seeded random init, one image per pass) and boxed by hand.
+    import torch
+
+    from pipeline.runs import load_backbone, resolve_backbone
+    from stages.backbone import network_image, prepare_image
+    from stages.discover import find_objects
+    from stages.io import load_rgb
+
+    cfg, path = first_run
+    cfg = resolve_backbone(cfg)
+    backbone = load_backbone(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers (run.threads_per_worker=1)
+    try:
+        checked = []
+        for image in json.loads(path.read_text())["images"]:
+            if (image["height"], image["width"]) != (96, 128):
+                continue
+            work = network_image(load_rgb(images / image["file_name"]), 8, 96)
+            feats = backbone(prepare_image(work, 8, None)[None])
+            masks = find_objects(feats.keys[0, 1:], feats.grid, cfg.method, backbone.family)
+            expected = []
+            for mask in masks:
+                ys, xs = np.nonzero(mask)
+                x0, y0, x1, y1 = 8 * xs.min(), 8 * ys.min(), 8 * (xs.max() + 1), 8 * (ys.max() + 1)
+                expected.append([x0 * 128 / 96, y0, (x1 - x0) * 128 / 96, y1 - y0])
+            assert np.allclose(image["discovery_boxes"], np.reshape(expected, (-1, 4)))
+            checked += expected
+    finally:
+        torch.set_num_threads(threads)
+    assert any(box[0] > 0 or box[2] < 128 for box in checked)  # some box where the x scale shows

@@ -181,9 +181,12 @@ def test_ba_run_writes_tracks_with_stable_identities(videos, similarity_vit, tmp
     for v in list_videos(cfg.dataset):
         gt = video_ground_truth(cfg.dataset, v)
         pred = video.predicted_ids(tracks, v.id, gt.shape)
+        track_of = {}
         for obj in (1, 2):  # the same track covers each object in every frame
             owners = {np.bincount(pred[t][gt[t] == obj]).argmax() for t in range(len(gt))}
             assert len(owners) == 1 and owners != {0}
+            track_of[obj] = owners.pop()
+        assert track_of[1] != track_of[2]  # two objects, two tracks (not one track over both)
     assert len(list((run_dir / "overlays").glob("*.gif"))) == 2
     metrics = video.evaluate(cfg)
     assert 0.3 < metrics["J&F"] <= 1 and 0 < metrics["FG-ARI"] <= 1
