@@ -63,9 +63,7 @@ class PermutohedralLattice:
         self.neighbours = []
         for j in range(self.d + 1):
             delta = sum((self.d if i == j else -1) * stride for i, stride in enumerate(strides))
-            self.neighbours.append(
-                (_lookup(vertex_codes, vertex_codes + delta), _lookup(vertex_codes, vertex_codes - delta))
-            )
+            self.neighbours.append(_neighbour_pairs(vertex_codes, delta))
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """(C, N) float32 -> (C, N): approximately sum_j exp(-|f_i - f_j|^2 / 2) v_j (j = i included)."""
@@ -148,12 +146,18 @@ def _corner_codes(rem0: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor,
     return codes, strides
 
 
-def _lookup(sorted_keys: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-    """Index of each wanted key in ``sorted_keys``, or len(sorted_keys) where it is absent."""
-    m = len(sorted_keys)
-    found = torch.searchsorted(sorted_keys, wanted).clamp_(max=m - 1)
-    found = torch.where(sorted_keys[found] == wanted, found, m)
-    return torch.cat([found, found.new_full((1,), m)])  # the zero row's own neighbour is itself
+def _neighbour_pairs(codes: torch.Tensor, delta: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sorted vertex ``codes`` (M,): the index of the vertex at code + delta and at code - delta, each
+    (M+1,), with M (the zero row appended to the lattice) where there is none and for the zero row itself."""
+    m = len(codes)
+    found = torch.searchsorted(codes, codes + delta).clamp_(max=m - 1)
+    has = codes[found] == codes + delta
+    up = torch.full((m + 1,), m, dtype=torch.int64, device=codes.device)
+    up[:m] = torch.where(has, found, m)
+    # The same pairs read the other way round: no second search.
+    down = torch.full_like(up, m)
+    down[found[has]] = torch.nonzero(has)[:, 0]
+    return up, down
 
 
 @dataclass
