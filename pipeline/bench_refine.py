@@ -77,6 +77,7 @@ class Tally:
     whether both implementations keep or reject it alike; total seconds per implementation."""
 
     ious: dict[str, list[float]] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)  # photo and mask index of each IoU, in order
     agree: dict[str, int] = field(default_factory=dict)
     rejected_by_both: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -84,7 +85,9 @@ class Tally:
     def add_time(self, key: str, seconds: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + seconds
 
-    def add_masks(self, device: str, raw, expected, got, min_iou: float) -> None:
+    def add_masks(self, device: str, photo: str, raw, expected, got, min_iou: float) -> None:
+        if device == "CPU":
+            self.labels += [f"{photo}#{i}" for i in range(len(raw))]
         for mask, ref, out in zip(raw, expected, got, strict=True):
             # mask_iou calls two empty masks a mismatch (right for rejection); here they give the same answer.
             same = 1.0 if not (ref.any() or out.any()) else mask_iou(ref, out)
@@ -180,7 +183,7 @@ def _timed(fn: Callable, device: torch.device | None = None):
 
 
 def compare(
-    image: np.ndarray, masks: list[np.ndarray], refine: RefineConfig, tallies: dict[str, Tally]
+    photo: str, image: np.ndarray, masks: list[np.ndarray], refine: RefineConfig, tallies: dict[str, Tally]
 ) -> None:
     """Refine ``masks`` with both implementations of both refiners and add the outcomes to ``tallies``."""
     refiners = {
@@ -198,14 +201,14 @@ def compare(
         seconds, got = _timed(partial(on_torch, t_image, t_masks, params))
         torch.set_num_threads(threads)
         tally.add_time("torch on the CPU, 1 thread", seconds)
-        tally.add_masks("CPU", masks, expected, got.numpy(), refine.min_iou)
+        tally.add_masks("CPU", photo, masks, expected, got.numpy(), refine.min_iou)
         if torch.cuda.is_available():
             cuda = torch.device("cuda")
             on_gpu = partial(on_torch, t_image.to(cuda), t_masks.to(cuda), params)
             on_gpu()  # warm-up: the first CUDA calls load kernels
             seconds, got = _timed(on_gpu, cuda)
             tally.add_time("torch on CUDA", seconds)
-            tally.add_masks("CUDA", masks, expected, got.cpu().numpy(), refine.min_iou)
+            tally.add_masks("CUDA", photo, masks, expected, got.cpu().numpy(), refine.min_iou)
 
 
 def _one_by_one(reference: Callable, image: np.ndarray, masks: list[np.ndarray], params) -> list[np.ndarray]:
@@ -227,7 +230,7 @@ def report(root: Path = DATA, max_photos: int | None = None) -> list[str]:
         patch_masks += from_patches
         truth_masks += len(masks) - from_patches
         if masks:
-            compare(image, masks, cfg.refine, tallies)
+            compare(photo.name, image, masks, cfg.refine, tallies)
         print(f"  [{i + 1}/{len(all_photos)}] {photo.name}", file=sys.stderr, flush=True)
     by_source: dict[str, int] = {}
     for photo in all_photos:
@@ -251,11 +254,13 @@ def _summary(label: str, tally: Tally) -> list[str]:
         good = sum(iou >= GOOD_IOU for iou in ious) / n
         median = statistics.median(ious)
         met = "met" if median >= 0.98 and good >= 0.95 else "NOT met"
+        worst = sorted(zip(ious, tally.labels, strict=True))[:3]
         lines.append(
             f"{label}: torch on {device} vs the reference, {n} masks: IoU median {median:.4f}, "
             f">= {GOOD_IOU} on {100 * good:.1f}% (min {min(ious):.4f}; goal median >= 0.98 and 95%: {met}); "
             f"same keep/reject decision on {tally.agree[device]}/{n} "
-            f"({tally.rejected_by_both[device]} rejected by both)"
+            f"({tally.rejected_by_both[device]} rejected by both); lowest: "
+            + ", ".join(f"{label} {iou:.3f}" for iou, label in worst)
         )
     n = len(next(iter(tally.ious.values())))
     reference = tally.seconds["reference"]
