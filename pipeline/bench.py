@@ -8,6 +8,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
              discovery, CRF, export; end to end vs the backbone alone
   ray        discovery on precomputed features with 1 and 2 Ray workers
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
+  sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
   refine     torch dense CRF and bilateral solver vs the references on real photos: parity, time per mask
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
@@ -26,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.bench_refine import report as refine_report
 
 
 def _peak_rss_mb() -> float:
@@ -336,12 +335,25 @@ def _training_batch(images: list[np.ndarray], size: int, batch: int) -> list[dic
     return out
 
 
+def sslvos() -> list[str]:
+    from pipeline.bench_sslvos import report
+
+    return report()
+
+
+def refine() -> list[str]:
+    from pipeline.bench_refine import report
+
+    return report()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
     "ray": ray_scaling,
     "detector": detector,
-    "refine": refine_report,
+    "sslvos": sslvos,
+    "refine": refine,
 }
 
 
