@@ -127,7 +127,7 @@ def _preconditioned_cg(
     p = torch.zeros_like(b)
     rho_prev = torch.ones(b.shape[0], dtype=b.dtype, device=b.device)
     for it in range(maxiter):
-        active = torch.linalg.vector_norm(r, dim=1) >= atol
+        active = (torch.linalg.vector_norm(r, dim=1) >= atol) & (atol > 0)  # b = 0: nothing to solve
         if not bool(active.any()):
             break
         z = inv_diagonal * r

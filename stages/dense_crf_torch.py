@@ -47,7 +47,7 @@ class PermutohedralLattice:
     def __init__(self, features: torch.Tensor):
         if features.ndim != 2 or min(features.shape) < 1:
             raise ValueError(f"features must be (N, d) with N, d >= 1, got {tuple(features.shape)}")
-        n, self.d = features.shape
+        self.d = features.shape[1]
         # Coordinate-major (d+1, N) layout throughout: on a CPU, ops along N are far faster than along d.
         rem0, rank, barycentric = _enclosing_simplices(features.float().T.contiguous())
         codes, strides = _corner_codes(rem0, rank)
