@@ -47,16 +47,21 @@ def write_image_folder(root, n: int, size: tuple[int, int] = (96, 128)) -> list[
 
 
 def write_davis_videos(
-    root, n_videos: int = 2, n_frames: int = 6, size: tuple[int, int] = (64, 96)
+    root,
+    n_videos: int = 2,
+    n_frames: int = 6,
+    size: tuple[int, int] = (64, 96),
+    annotations: str = "Annotations_unsupervised/480p",
 ) -> list[str]:
     """Videos of two coloured squares moving over a dark noisy background, in DAVIS layout (JPEGImages/480p,
-    Annotations/480p palette PNGs with ids 1 and 2, ImageSets/2017/val.txt). Returns the video names."""
+    palette PNGs with ids 1 and 2 under ``annotations`` (the DAVIS-17 unsupervised folder by default),
+    ImageSets/2017/val.txt). Returns the video names."""
     h, w = size
     names = [f"video{v}" for v in range(n_videos)]
     for v, name in enumerate(names):
         rng = np.random.default_rng(v)
         frames_dir = root / "JPEGImages" / "480p" / name
-        ann_dir = root / "Annotations" / "480p" / name
+        ann_dir = root / annotations / name
         frames_dir.mkdir(parents=True)
         ann_dir.mkdir(parents=True)
         for t in range(n_frames):
