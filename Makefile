@@ -66,5 +66,5 @@ test: $(STAMP) data/demo/annotations.json
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP) data/demo/annotations.json
 	HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 $(PY) -m pipeline.bench

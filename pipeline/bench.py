@@ -11,6 +11,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
   merge      the pseudo-label merge at ImageNet-1k size (1.28 M images, 2-3 masks each): time, peak memory
   sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
   solv       SOLV training steps/s and inference frames/s at the paper's sizes (pipeline/bench_solv.py)
+  refine     torch dense CRF and bilateral solver vs the references on real photos: parity, time per mask
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
 
@@ -429,6 +430,12 @@ def solv() -> list[str]:
     return main()
 
 
+def refine() -> list[str]:
+    from pipeline.bench_refine import report
+
+    return report()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
@@ -437,6 +444,7 @@ SECTIONS = {
     "merge": merge,
     "sslvos": sslvos,
     "solv": solv,
+    "refine": refine,
 }
 
 

@@ -140,6 +140,31 @@ def write_davis_videos(
     return names
 
 
+def textured_scene(height: int = 480, width: int = 640, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A photo-like test image for refinement: an orange mug (ellipse body, rectangular handle) on a
+    table of colour stripes under a darker wall, with noise. Returns (HxWx3 uint8 image, HxW bool object)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.indices((height, width)) / max(height, width)
+    img = np.empty((height, width, 3))
+    stripes = np.sin(2 * np.pi * (7 * xs + 2 * ys))[..., None]
+    img[:] = (110, 120, 95) + 25 * stripes * np.array([1.0, 0.6, -0.4])
+    img[ys < 0.25] = (70, 75, 90)  # the wall
+    cy, cx = 0.42, 0.5
+    body = ((ys - cy) / 0.2) ** 2 + ((xs - cx) / 0.14) ** 2 < 1
+    handle = (np.abs(ys - cy) < 0.07) & (xs > cx + 0.12) & (xs < cx + 0.2)
+    obj = body | handle
+    img[obj] = (225, 130, 40)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), obj
+
+
+def blocky(mask: np.ndarray, patch: int = 16, cover: float = 0.3) -> np.ndarray:
+    """The patch-level version of a mask, as a ViT gives it: patches at least ``cover`` covered."""
+    h, w = mask.shape
+    grid = mask.reshape(h // patch, patch, w // patch, patch).mean(axis=(1, 3)) >= cover
+    return np.kron(grid, np.ones((patch, patch))).astype(bool)
+
+
 def _place_boxes(
     grid: tuple[int, int], count: int, sizes: tuple[int, int], gen: torch.Generator
 ) -> list[Box]:
