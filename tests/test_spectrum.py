@@ -38,6 +38,7 @@ def assert_spectrum_matches(affinity: torch.Tensor, k: int) -> None:
         cosine = abs(got @ (d * want)) / np.sqrt((got @ (d * got)) * (want @ (d * want)))
         assert cosine > 1 - 1e-6  # the same vector (up to sign) in the D inner product
         np.testing.assert_allclose(got @ (d * got), 1.0, rtol=1e-6)  # v^T D v = 1 (D summed in float32)
+        assert got[np.argmax(np.abs(got))] > 0  # the canonical sign, as the Fiedler vector has
 
 
 @pytest.mark.parametrize(
