@@ -8,6 +8,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
              discovery, CRF, export; end to end vs the backbone alone
   ray        discovery on precomputed features with 1 and 2 Ray workers
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
+  sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
   methods    images/s of every image discovery method (pipeline/bench_methods.py), one synthetic workload
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
@@ -26,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline import bench_methods
 
 
 def _peak_rss_mb() -> float:
@@ -336,12 +335,25 @@ def _training_batch(images: list[np.ndarray], size: int, batch: int) -> list[dic
     return out
 
 
+def sslvos() -> list[str]:
+    from pipeline.bench_sslvos import report
+
+    return report()
+
+
+def methods() -> list[str]:
+    from pipeline.bench_methods import main
+
+    return main()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
     "ray": ray_scaling,
     "detector": detector,
-    "methods": bench_methods.main,
+    "sslvos": sslvos,
+    "methods": methods,
 }
 
 

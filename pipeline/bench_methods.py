@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import yaml
 
+from pipeline.bench_ncut import scene_keys
 from stages.deep_spectral import deep_spectral
 from stages.found import FoundHead, found, keys_to_map
 from stages.freemask import freemask
@@ -39,8 +40,6 @@ def method(name: str) -> dict:
 
 def workload() -> list[dict]:
     """IMAGES scenes: raw keys = a shared key bias + scene keys, CLS attention, the picture."""
-    from pipeline.bench_ncut import scene_keys  # here: bench_ncut imports pipeline.bench, which imports us
-
     rng = np.random.default_rng(0)
     bias = 3.0 * torch.randn(DIM, generator=torch.Generator().manual_seed(0))
     scenes = []

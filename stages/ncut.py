@@ -59,7 +59,7 @@ KEY_TREATMENTS = ("raw", "centered", "no_bias")
 
 
 def treat_keys(keys: torch.Tensor, treatment: str, key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, d) keys -> (n, d) float32 keys, before any graph is built from them.
+    """(..., n, d) keys -> (..., n, d) float32 keys, before any graph is built from them.
 
     'raw': unchanged. 'centered': minus the image's mean key (data-driven; what TokenCut and MaskCut do on
     DINOv2 today). 'no_bias': minus ``key_bias`` (d,), the last block's key-projection bias (heads
@@ -72,22 +72,22 @@ def treat_keys(keys: torch.Tensor, treatment: str, key_bias: torch.Tensor | None
         raise ValueError(f"unknown key treatment '{treatment}', expected one of {KEY_TREATMENTS}")
     keys = keys.float()
     if treatment == "centered":
-        return keys - keys.mean(dim=0, keepdim=True)
+        return keys - keys.mean(dim=-2, keepdim=True)
     if treatment == "no_bias":
-        if key_bias is None or key_bias.shape != keys.shape[1:]:
+        if key_bias is None or key_bias.shape != keys.shape[-1:]:
             shape = None if key_bias is None else tuple(key_bias.shape)
-            raise ValueError(f"key treatment 'no_bias' needs the ({keys.shape[1]},) key bias, got {shape}")
+            raise ValueError(f"key treatment 'no_bias' needs the ({keys.shape[-1]},) key bias, got {shape}")
         return keys - key_bias.to(device=keys.device, dtype=keys.dtype)
     return keys
 
 
 def unit_keys(keys: torch.Tensor, center: bool) -> torch.Tensor:
-    """(n, d) keys -> (n, d) rows of unit length; with ``center`` the per-image mean key is removed first
-    (DINOv2's keys all point the same way, SPEC "Backbone")."""
+    """(..., n, d) keys -> (..., n, d) rows of unit length (all-zero rows stay zero); with ``center`` the
+    per-image mean key is removed first (DINOv2's keys all point the same way, SPEC "Backbone")."""
     keys = keys.float()
     if center:
-        keys = keys - keys.mean(dim=0, keepdim=True)
-    return F.normalize(keys, dim=1)
+        keys = keys - keys.mean(dim=-2, keepdim=True)
+    return F.normalize(keys, dim=-1)
 
 
 def binary_affinity(feats: torch.Tensor, tau: float, eps: float, blocks: int = 8) -> torch.Tensor:
@@ -106,6 +106,12 @@ def binary_affinity(feats: torch.Tensor, tau: float, eps: float, blocks: int = 8
         out[a:b, a:] = block
         out[a:, a:b] = block.T
     return out
+
+
+def weighted_affinity(similarity: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    """In place: the weighted graph of a (..., n, n) similarity, the similarity where it is above ``tau`` and
+    ``eps`` elsewhere (ssl-vos keeps the weights where TokenCut and MaskCut binarise them). Returns it."""
+    return similarity.masked_fill_(similarity <= tau, _float32(eps))
 
 
 def isolate_nodes(affinity: torch.Tensor, taken: torch.Tensor, tau: float, eps: float) -> torch.Tensor:

@@ -110,6 +110,9 @@ def test_key_treatments():
     assert torch.equal(treat_keys(keys, "raw"), keys)
     assert torch.allclose(treat_keys(keys, "centered").mean(dim=0), torch.zeros(8), atol=1e-6)
     assert torch.equal(treat_keys(keys, "no_bias", bias), keys - bias)
+    batch = torch.stack([keys, 2 * keys])  # (images, n, d), as unit_keys takes them too
+    assert torch.allclose(treat_keys(batch, "centered")[1], treat_keys(2 * keys, "centered"))
+    assert torch.equal(treat_keys(batch, "no_bias", bias)[1], 2 * keys - bias)
     assert KEY_TREATMENTS == ("raw", "centered", "no_bias")
     with pytest.raises(ValueError, match="needs the"):
         treat_keys(keys, "no_bias")
