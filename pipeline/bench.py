@@ -9,6 +9,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
   ray        discovery on precomputed features with 1 and 2 Ray workers
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
   sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
+  solv       SOLV training steps/s and inference frames/s at the paper's sizes (pipeline/bench_solv.py)
   methods    images/s of every image discovery method (pipeline/bench_methods.py), one synthetic workload
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
@@ -341,6 +342,12 @@ def sslvos() -> list[str]:
     return report()
 
 
+def solv() -> list[str]:
+    from pipeline.bench_solv import main
+
+    return main()
+
+
 def methods() -> list[str]:
     from pipeline.bench_methods import main
 
@@ -353,6 +360,7 @@ SECTIONS = {
     "ray": ray_scaling,
     "detector": detector,
     "sslvos": sslvos,
+    "solv": solv,
     "methods": methods,
 }
 

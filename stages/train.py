@@ -126,7 +126,7 @@ def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
 
 def build_trainer(cfg):
     from detectron2.data import build_detection_train_loader
-    from detectron2.engine import DefaultTrainer
+    from detectron2.engine import DefaultTrainer, hooks
 
     from stages.copy_paste import CopyPasteLoader
 
@@ -137,6 +137,22 @@ def build_trainer(cfg):
         def build_train_loader(cls, cfg):
             rng = np.random.default_rng(cfg.SEED if cfg.SEED >= 0 else None)
             return CopyPasteLoader.from_config(cfg, build_detection_train_loader(cfg), rng)
+
+        def build_hooks(self):
+            # detectron2's PreciseBN hook (with BatchNorm layers only) reads build_train_loader, which
+            # pastes here; CutLER pastes in its training step, so its BatchNorm statistics come from plain
+            # training images: give the hook those.
+            return [
+                hooks.PreciseBN(
+                    self.cfg.TEST.EVAL_PERIOD,
+                    self.model,
+                    build_detection_train_loader(self.cfg),
+                    self.cfg.TEST.PRECISE_BN.NUM_ITER,
+                )
+                if isinstance(h, hooks.PreciseBN)
+                else h
+                for h in super().build_hooks()
+            ]
 
     return CutLERTrainer(cfg)
 
