@@ -12,6 +12,7 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
   sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
   solv       SOLV training steps/s and inference frames/s at the paper's sizes (pipeline/bench_solv.py)
   refine     torch dense CRF and bilateral solver vs the references on real photos: parity, time per mask
+  methods    images/s of every image discovery method (pipeline/bench_methods.py), one synthetic workload
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
 
@@ -436,6 +437,12 @@ def refine() -> list[str]:
     return report()
 
 
+def methods() -> list[str]:
+    from pipeline.bench_methods import main
+
+    return main()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
@@ -445,6 +452,7 @@ SECTIONS = {
     "sslvos": sslvos,
     "solv": solv,
     "refine": refine,
+    "methods": methods,
 }
 
 

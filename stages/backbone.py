@@ -244,6 +244,19 @@ class Backbone:
         self.dtype = PRECISIONS[precision]
         self.model = model.eval().requires_grad_(False).to(self.device)
 
+    @property
+    def key_bias(self) -> torch.Tensor:
+        """(C,) float32 bias of the last block's key projection, heads concatenated like ``keys``: the
+        vector that key treatment 'no_bias' subtracts (stages/ncut.py ``treat_keys``). Zeros when the
+        projection has no bias."""
+        attn = self.model.blocks[-1].attn
+        dim = attn.qkv.weight.shape[1]
+        if not isinstance(attn.k_norm, torch.nn.Identity):  # a normalised key is not linear in the bias
+            raise ValueError(f"backbone '{self.arch}' normalises its keys: the key bias is not additive")
+        if attn.qkv.bias is None:
+            return torch.zeros(dim)
+        return attn.qkv.bias.detach()[dim : 2 * dim].float().cpu().clone()
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, want: tuple[str, ...] = ("keys",)) -> ViTFeatures:
         """images: (B, 3, H, W) ImageNet-normalised, H and W multiples of the patch size."""

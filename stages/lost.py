@@ -7,14 +7,18 @@ import numpy as np
 import torch
 
 from stages.ncut import seed_component
+from stages.no_object import NoObjectRule
 
 
-def lost(keys: torch.Tensor, grid: tuple[int, int], k: int) -> np.ndarray:
+def lost(
+    keys: torch.Tensor, grid: tuple[int, int], k: int, no_object: NoObjectRule | None = None
+) -> np.ndarray:
     """Keys (h*w, d) of one image (raw: not normalised, not centred) -> (h, w) bool object mask.
 
     A = F F^T. Degree of a patch = number of positive similarities to other patches; seed = the patch of
     minimum degree. S = the seed's positively correlated patches among the k lowest-degree ones; the object
-    is the seed's 4-connected component of {sum over S of A[s, :] > 0}.
+    is the seed's 4-connected component of {sum over S of A[s, :] > 0}. With a ``no_object`` rule, a mask
+    that separates nothing (stages/no_object.py) comes back empty; None: a mask for every image.
     """
     feats = keys.float()
     sim = feats @ feats.T
@@ -28,4 +32,6 @@ def lost(keys: torch.Tensor, grid: tuple[int, int], k: int) -> np.ndarray:
     mask = seed_component(score > 0, seed)
     if not mask.any():  # the seed's own score can be <= 0 (never seen on real keys): keep the seed patch
         mask.flat[seed] = True
+    if no_object is not None and not no_object.separates(mask):
+        return np.zeros_like(mask)
     return mask

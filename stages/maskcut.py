@@ -15,6 +15,7 @@ from stages.ncut import (
     seed_component,
     unit_keys,
 )
+from stages.no_object import NoObjectRule
 from stages.refine import mask_iou
 
 
@@ -43,6 +44,7 @@ def maskcut(
     max_overlap: float,
     min_area: float,
     solver: str,
+    no_object: NoObjectRule | None = None,
 ) -> list[np.ndarray]:
     """Keys (h*w, d) of one image -> up to ``n_masks`` disjoint (h, w) bool masks, in discovery order.
 
@@ -53,7 +55,8 @@ def maskcut(
     unchanged after a discard, so every later cut would repeat it (the reference keeps cutting, and can
     then accept the duplicate because it compares against the zeroed placeholder of the discarded one).
     Masks are returned disjoint, later minus earlier; a mask left empty by that (a cut that repeated an
-    earlier, not the previous, mask) is dropped.
+    earlier, not the previous, mask) is dropped. With a ``no_object`` rule, the masks that separate nothing
+    (stages/no_object.py) are dropped last, each judged on its own; None keeps every mask.
     """
     affinity = binary_affinity(unit_keys(keys, center), tau, eps)
     masks: list[np.ndarray] = []
@@ -64,4 +67,5 @@ def maskcut(
         masks.append(mask)
         isolate_nodes(affinity, torch.from_numpy(mask.reshape(-1)).to(affinity.device), tau, eps)
     disjoint = [m & ~np.any(masks[:i], axis=0) if i else m for i, m in enumerate(masks)]
-    return [m for m in disjoint if m.any()]
+    masks = [m for m in disjoint if m.any()]
+    return masks if no_object is None else no_object.objects(masks)

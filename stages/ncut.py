@@ -55,6 +55,32 @@ BREAKDOWN = 1e-12  # a Lanczos vector this small means the Krylov space is invar
 SIGN_TIE = 1e-4  # entries within this relative distance of the largest magnitude tie for the sign rule
 
 
+KEY_TREATMENTS = ("raw", "centered", "no_bias")
+
+
+def treat_keys(keys: torch.Tensor, treatment: str, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., n, d) keys -> (..., n, d) float32 keys, before any graph is built from them.
+
+    'raw': unchanged. 'centered': minus the image's mean key (data-driven; what TokenCut and MaskCut do on
+    DINOv2 today). 'no_bias': minus ``key_bias`` (d,), the last block's key-projection bias (heads
+    concatenated, as ``Backbone.key_bias`` gives it): softmax attention is unchanged by a constant added to
+    every key, so training never bounds that bias, and in DINOv2-S/14 it is most of every key (README, "Key
+    bias"); removing it is a per-backbone fix that does not depend on the image. Raises ValueError for an
+    unknown treatment or a missing / mis-shaped bias.
+    """
+    if treatment not in KEY_TREATMENTS:
+        raise ValueError(f"unknown key treatment '{treatment}', expected one of {KEY_TREATMENTS}")
+    keys = keys.float()
+    if treatment == "centered":
+        return keys - keys.mean(dim=-2, keepdim=True)
+    if treatment == "no_bias":
+        if key_bias is None or key_bias.shape != keys.shape[-1:]:
+            shape = None if key_bias is None else tuple(key_bias.shape)
+            raise ValueError(f"key treatment 'no_bias' needs the ({keys.shape[-1]},) key bias, got {shape}")
+        return keys - key_bias.to(device=keys.device, dtype=keys.dtype)
+    return keys
+
+
 def unit_keys(keys: torch.Tensor, center: bool) -> torch.Tensor:
     """(..., n, d) keys -> (..., n, d) rows of unit length (all-zero rows stay zero); with ``center`` the
     per-image mean key is removed first (DINOv2's keys all point the same way, SPEC "Backbone")."""
@@ -161,14 +187,12 @@ def lanczos_fiedler(affinity: torch.Tensor) -> Fiedler:
     return result
 
 
-def lanczos_solve(a: torch.Tensor) -> Fiedler:
-    """One Lanczos solve of (D - A) v = lambda D v through N = D^-1/2 A D^-1/2, products in A's dtype."""
-    # float32 sums are cascaded, so accurate to ~1e-7 relative; a float64 sum would first copy A to float64.
-    degree = a.sum(dim=1).double()
-    rows, weight = constant_rows(a, degree)
-    degree[rows] = a.shape[1] * weight
-    if not bool((degree > 0).all()):
-        raise np.linalg.LinAlgError("a node has no positive degree: D is not positive definite")
+def lanczos_solve(a: torch.Tensor, found: torch.Tensor | None = None) -> Fiedler:
+    """One Lanczos solve of (D - A) v = lambda D v through N = D^-1/2 A D^-1/2, products in A's dtype.
+
+    ``found``: (j, n) orthonormal rows u = D^1/2 v of eigenvectors already found, deflated with N's known
+    top vector, so the answer is the next one (``lanczos_eigenvectors``); None for the Fiedler vector."""
+    degree, rows, weight = graph_degree(a)
     scale = degree.rsqrt()
     top = degree.sqrt() / degree.sqrt().norm()  # N's eigenvector of eigenvalue 1, deflated exactly
 
@@ -183,7 +207,8 @@ def lanczos_solve(a: torch.Tensor) -> Fiedler:
     # A fixed pseudo-random start, drawn on the CPU so every device starts from the same vector.
     start = torch.rand(a.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5
     floor = RESIDUAL_FLOOR if a.dtype != torch.float64 else 1e-4 * RESIDUAL_FLOOR
-    values, u, residual, steps, converged = lanczos_top(normalized, start.to(a.device), top[None], floor)
+    deflate = top[None] if found is None else torch.cat([top[None], found.to(top)])
+    values, u, residual, steps, converged = lanczos_top(normalized, start.to(a.device), deflate, floor)
     value = 1.0 - values[-1]
     next_value = 1.0 - values[-2] if len(values) > 1 else float("nan")
     vec = settle_constant_rows(u * scale, value, rows)
@@ -191,6 +216,86 @@ def lanczos_solve(a: torch.Tensor) -> Fiedler:
     if not bool(torch.isfinite(vec).all()):
         raise np.linalg.LinAlgError("Lanczos produced a non-finite vector")
     return Fiedler(vec, value, next_value, residual, steps, converged, a.dtype)
+
+
+def graph_degree(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 degrees of the (n, n) affinity, with rows of one repeated weight (``constant_rows``) given
+    their exact degree n * weight. Returns (degree, those rows, their weight); raises LinAlgError when a
+    degree is not positive."""
+    # float32 sums are cascaded, so accurate to ~1e-7 relative; a float64 sum would first copy A to float64.
+    degree = a.sum(dim=1).double()
+    rows, weight = constant_rows(a, degree)
+    degree[rows] = a.shape[1] * weight
+    if not bool((degree > 0).all()):
+        raise np.linalg.LinAlgError("a node has no positive degree: D is not positive definite")
+    return degree, rows, weight
+
+
+@dataclass
+class Spectrum:
+    """The k smallest non-trivial generalized eigenpairs of (D - A) v = lambda D v: ``values`` lambda_2 ..
+    lambda_{k+1} ascending, ``vectors`` (k, n) float64 with v^T D v = 1 and ``canonical_sign``, the next
+    eigenvalue's estimate (fast solver: from above, NaN when unknown), Lanczos steps in all (0 for dense),
+    and whether every vector converged."""
+
+    values: list[float]
+    vectors: torch.Tensor
+    next_value: float
+    steps: int
+    converged: bool
+
+
+def smallest_eigenvectors(affinity: torch.Tensor, k: int, solver: str) -> Spectrum:
+    """The k smallest non-trivial generalized eigenvectors of the (n, n) affinity (Deep Spectral Methods
+    and VoteCut need more than the Fiedler vector). solver 'dense' (LAPACK, float64) or 'fast' (Lanczos,
+    ``lanczos_eigenvectors``); with 'fast' the first vector is ``fiedler_vector``'s, bit for bit. Raises
+    ValueError for k outside [1, n - 1] or an unknown solver, LinAlgError as ``fiedler_vector`` does."""
+    n = affinity.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k = {k} eigenvectors asked of a graph of {n} nodes (need 1 <= k < n)")
+    if solver == "dense":
+        return dense_eigenvectors(affinity, k)
+    if solver == "fast":
+        return lanczos_eigenvectors(affinity, k)
+    raise ValueError(f"unknown eigensolver '{solver}'")
+
+
+def dense_eigenvectors(affinity: torch.Tensor, k: int) -> Spectrum:
+    """The reference: LAPACK's generalized eigensolve (scipy) of eigenpairs 2 .. k+1, float64, CPU."""
+    a = affinity.detach().cpu().double().numpy()
+    d = np.diag(a.sum(axis=1))
+    values, vecs = scipy.linalg.eigh(d - a, d, subset_by_index=[1, min(k + 1, a.shape[0] - 1)])
+    vectors = torch.stack([canonical_sign(torch.from_numpy(v)) for v in vecs.T[:k]]).to(affinity.device)
+    next_value = float(values[k]) if len(values) > k else float("nan")
+    return Spectrum(values[:k].tolist(), vectors, next_value, 0, True)
+
+
+def lanczos_eigenvectors(affinity: torch.Tensor, k: int) -> Spectrum:
+    """The 'fast' solver for k vectors: the Fiedler vector from ``lanczos_fiedler`` (the same computation,
+    so the same bits), then each next vector by the same Lanczos run with the vectors found so far deflated
+    beside N's known top one. One vector per run, so an eigenvalue of multiplicity m yields m independent
+    vectors (a single Krylov space holds only one vector of each eigenspace). Each vector whose eigenvalue
+    lies within FLOAT64_GAP of its neighbours is recomputed with float64 products, as the Fiedler vector is.
+    """
+    a = affinity.detach()
+    degree = graph_degree(a)[0]
+    results = [lanczos_fiedler(a)]
+    a64 = a if a.dtype == torch.float64 else None
+    found = torch.empty(0, a.shape[0], dtype=torch.float64, device=a.device)
+    for _ in range(1, k):
+        # Deflate u = D^1/2 v, made exactly orthonormal to those before (the solves leave ~1e-6 overlaps).
+        u = _orthogonal_to(results[-1].vector * degree.sqrt(), found)
+        found = torch.cat([found, (u / u.norm())[None]])
+        result = lanczos_solve(a, found)
+        gaps = (result.next_value - result.value, result.value - results[-1].value)
+        if a.dtype != torch.float64 and any(gap < FLOAT64_GAP for gap in gaps):  # (NaN: never below)
+            a64 = a.double() if a64 is None else a64
+            result = lanczos_solve(a64, found)
+        results.append(result)
+    vectors = torch.stack([canonical_sign(r.vector) for r in results])
+    steps = sum(r.steps for r in results)
+    converged = all(r.converged for r in results)
+    return Spectrum([r.value for r in results], vectors, results[-1].next_value, steps, converged)
 
 
 def settle_constant_rows(vec: torch.Tensor, value: float, rows: torch.Tensor) -> torch.Tensor:
