@@ -8,6 +8,8 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
              discovery, CRF, export; end to end vs the backbone alone
   ray        discovery on precomputed features with 1 and 2 Ray workers
   detector   training iterations/s and inference images/s, Cascade and Mask R-CNN, tiny and reference size
+  sslvos     ssl-vos core: PIC vs dense eigensolve per frame, init and optimisation frames/s, DIS flow
+  solv       SOLV training steps/s and inference frames/s at the paper's sizes (pipeline/bench_solv.py)
   vitdet     R50 (random init) vs ViTDet (DINOv2 init) trained on MaskCut's labels of real photos for the
              same CPU time, then self-trained: AP50 and CorLoc (pipeline/bench_vitdet.py; about 2 hours)
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
@@ -27,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline import bench_vitdet
 
 
 def _peak_rss_mb() -> float:
@@ -337,8 +337,33 @@ def _training_batch(images: list[np.ndarray], size: int, batch: int) -> list[dic
     return out
 
 
-SECTIONS = {"discovery": discovery, "stages": stages, "ray": ray_scaling, "detector": detector}
-SECTIONS["vitdet"] = bench_vitdet.section
+def sslvos() -> list[str]:
+    from pipeline.bench_sslvos import report
+
+    return report()
+
+
+def solv() -> list[str]:
+    from pipeline.bench_solv import main
+
+    return main()
+
+
+def vitdet() -> list[str]:
+    from pipeline.bench_vitdet import section
+
+    return section()
+
+
+SECTIONS = {
+    "discovery": discovery,
+    "stages": stages,
+    "ray": ray_scaling,
+    "detector": detector,
+    "sslvos": sslvos,
+    "solv": solv,
+    "vitdet": vitdet,
+}
 
 
 def _child(name: str, queue) -> None:

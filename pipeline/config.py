@@ -147,6 +147,9 @@ class BAConfig:
     max_rounds: int  # absorption rounds at most (the loop stops when the cluster count stops changing)
     window: int  # frames per attention chunk and first clustering round: bounds memory on long videos
     background: Literal["border", "largest"]  # which cluster is the background
+    smooth_first_round: bool  # smooth each row over its tau-neighbours before the first absorption
+    centroid_weights: Literal["equal", "members"]  # how merged centroids average their members
+    temporal: Literal["relative", "shared"]  # the correlator's temporal embeddings on long videos
 
     def validate(self, key: str) -> None:
         if len(self.size) != 2 or min(self.size) <= 0:
@@ -213,7 +216,9 @@ class DatasetConfig:
     name: str
     kind: Literal["imagefolder", "coco", "voc", "coco20k", "framefolders", "davis", "ytvis"]
     root: str | None  # image (or video) root; relative paths are relative to the repository
-    annotations: str | None  # COCO instances json (coco, coco20k); YouTube-VIS json (ytvis)
+    # COCO instances json (coco, coco20k); YouTube-VIS json (ytvis); DAVIS: the ground-truth folder under
+    # the root (davis17: Annotations_unsupervised/480p); relative json paths are taken from the repository
+    annotations: str | None
     split: (
         str | None
     )  # VOC: ImageSets/Main/<split>.txt; COCO20k: the file list; DAVIS: ImageSets/2017/<split>
@@ -300,6 +305,8 @@ class CorrelatorConfig:
     # 'frozen' = none: the frozen ViT's own attention (baseline "A")
     heads: int
     mlp_ratio: float
+    attn_drop: float  # dropout on the attention probabilities while training (the losses see it too)
+    proj_drop: float  # dropout after the output projection and the MLP layers while training
     clip_len: int  # T frames per training clip (also the number of temporal embeddings)
     stride: int  # frame gap inside a clip (shorter videos use the largest gap that fits)
     size: list[int]  # [height, width] of the training crops
@@ -330,6 +337,9 @@ class CorrelatorConfig:
             "checkpoint_every",
         ):
             _positive(f"{key}.{name}", getattr(self, name))
+        for name in ("attn_drop", "proj_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
         for name in ("size", "crop_scale", "crop_ratio"):
             if len(getattr(self, name)) != 2:
                 _fail(f"{key}.{name}", f"expected two values, got {getattr(self, name)}")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pipeline.config import Config, replace, save_config
@@ -19,8 +20,8 @@ from stages.ba import VideoDiscoverer, frame_input_size, load_correlator, run_vi
 from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from stages.export import coco_file, write_coco
 from stages.io import atomic_write_json, load_rgb, read_json
-from stages.video_metrics import davis_jf, fg_ari, miou_hungarian
-from stages.videos import frame_records, list_videos, video_ground_truth
+from stages.video_metrics import davis_jf, davis_proposals, fg_ari, miou_hungarian, with_background_proposal
+from stages.videos import frame_records, list_videos, video_truth
 
 OUTPUT = "pseudolabels.json"  # per-frame COCO (what self-training reads)
 TRACKS = "ytvis.json"  # YouTube-VIS style: one annotation per track, a segmentation per frame
@@ -95,9 +96,9 @@ def train_correlator(cfg: Config) -> Path:
     checkpoint = run_dir.path / CHECKPOINT
     backbone = load_backbone(cfg)
     c = cfg.correlator
-    model = corr.TemporalCorrelator(backbone.model.embed_dim, c.heads, c.mlp_ratio, c.clip_len).to(
-        backbone.device
-    )
+    model = corr.TemporalCorrelator(
+        backbone.model.embed_dim, c.heads, c.mlp_ratio, c.clip_len, c.attn_drop, c.proj_drop
+    ).to(backbone.device)
     done = (
         torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if checkpoint.is_file() else 0
     )
@@ -105,11 +106,21 @@ def train_correlator(cfg: Config) -> Path:
         print(f"correlator already trained for {done} steps: {checkpoint}", file=sys.stderr)
         return checkpoint
     params = corr.LossParams(c.num_pos, c.num_neg, c.semantic_margin, c.motion_margin)
-    with tqdm(total=c.steps, initial=done, unit="step", desc="correlator", dynamic_ncols=True) as bar:
+    with (
+        tqdm(total=c.steps, initial=done, unit="step", desc="correlator", dynamic_ncols=True) as bar,
+        SummaryWriter(str(run_dir.path / "tensorboard"), purge_step=done + 1) as board,
+    ):
 
         def progress(step: int, loss: float, parts: dict) -> None:
+            # The entropy weights' effective sample size (1 / sum w^2, out of the T*n rows of a clip) shows
+            # a collapse of the loss onto a few rows.
+            board.add_scalar("loss/total", loss, step)
+            for name, value in parts.items():
+                board.add_scalar(
+                    f"loss/{name}" if name != "ess" else "weights/effective_sample_size", value, step
+                )
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", ess=f"{parts['ess']:.0f}")
 
         corr.train_correlator(
             model,
@@ -121,6 +132,7 @@ def train_correlator(cfg: Config) -> Path:
             checkpoint,
             c.checkpoint_every,
             progress,
+            seed=cfg.seed,
         )
     print(f"correlator -> {checkpoint}", file=sys.stderr)
     return checkpoint
@@ -266,7 +278,13 @@ def predicted_ids(tracks: dict, video_id: int, shape: tuple[int, int, int]) -> n
 
 
 def evaluate(cfg: Config) -> dict:
-    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a BA run against ground truth."""
+    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a BA run against ground truth.
+
+    Proposals, as the BA code evaluates them: every cluster, the background one too (the complement of the
+    tracks; pseudo-labels leave it out). J&F follows davis2017-evaluation's unsupervised protocol: at most
+    20 proposals per sequence (the 20 largest are kept) and void pixels left out of J and F (and of mIoU).
+    FG-ARI is unchanged by the background proposal (predicted background already is one cluster there).
+    """
     cfg = resolve_correlator(resolve_backbone(cfg))
     run_dir = RunDir.for_config(cfg, "pseudolabels")
     if not (run_dir.path / TRACKS).exists():
@@ -276,9 +294,10 @@ def evaluate(cfg: Config) -> dict:
     tracks = read_json(run_dir.path / TRACKS)
     per_video, js, fs, ious = {}, [], [], []
     for video in list_videos(cfg.dataset):
-        gt = video_ground_truth(cfg.dataset, video)
+        gt, void = video_truth(cfg.dataset, video)
         pred = predicted_ids(tracks, video.id, gt.shape)
-        jf, miou = davis_jf(gt, pred), miou_hungarian(gt, pred)
+        jf = davis_jf(gt, davis_proposals(pred, background=True), void)
+        miou = miou_hungarian(gt, with_background_proposal(pred), void)
         js += [o["J"] for o in jf["per_object"].values()]
         fs += [o["F"] for o in jf["per_object"].values()]
         ious += list(miou["per_object"].values())

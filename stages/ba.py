@@ -44,7 +44,9 @@ def ba_tracks(attend: Attend, num_frames: int, grid: tuple[int, int], cfg: BACon
     def windows():
         return (rows for _, rows in iter_attention_chunks(attend, num_frames, cfg.window))
 
-    labels = cluster_blocks(windows, cfg.tau, cfg.max_rounds).reshape(num_frames, *grid)
+    labels = cluster_blocks(
+        windows, cfg.tau, cfg.max_rounds, smooth=cfg.smooth_first_round, weights=cfg.centroid_weights
+    ).reshape(num_frames, *grid)
     return instance_tracks(labels, background_cluster(labels, cfg.background))
 
 
@@ -54,7 +56,7 @@ def frame_input_size(size: Sequence[int], patch: int) -> tuple[int, int]:
 
 
 def load_correlator(path: Path, dim: int, cfg: CorrelatorConfig, device: torch.device) -> TemporalCorrelator:
-    model = TemporalCorrelator(dim, cfg.heads, cfg.mlp_ratio, cfg.clip_len)
+    model = TemporalCorrelator(dim, cfg.heads, cfg.mlp_ratio, cfg.clip_len, cfg.attn_drop, cfg.proj_drop)
     load_checkpoint(path, model)
     return model.to(device).eval()
 
@@ -90,7 +92,7 @@ class VideoDiscoverer:
     def attention(self, keys: torch.Tensor, queries: torch.Tensor) -> Attend:
         stride = self.cfg.key_stride
         if self.correlator is not None:  # tokens = [CLS; keys] per frame, as in training
-            return functools.partial(self.correlator.sparse_attention, keys, stride, "relative")
+            return functools.partial(self.correlator.sparse_attention, keys, stride, self.cfg.temporal)
         heads = self.backbone.model.blocks[-1].attn.num_heads
         return functools.partial(dino_sparse_attention, queries, keys, heads, stride)
 

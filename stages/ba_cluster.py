@@ -11,16 +11,17 @@ Distance. ``symmetric_kl`` is the *sum* KL(p||q) + KL(q||p), the distance of the
 Clustering (SPEC "BA (videos)"). A round is one greedy pass over the current items (rows, later
 centroids): items are taken in index order; the first item not yet absorbed becomes a leader and absorbs
 every item not yet absorbed whose distance to it is <= tau (itself included); the new centroid is the mean
-of the absorbed members' rows. Rounds repeat on the centroids until a round leaves the count unchanged
-(every leader absorbed only itself, so the centroids are unchanged too) or ``max_rounds`` rounds have run.
+of the absorbed members. Rounds repeat on the centroids until a round leaves the count unchanged (every
+leader absorbed only itself, so the centroids are unchanged too) or ``max_rounds`` rounds have run.
 Finally every row joins its nearest centroid. Labels are numbered 0..C-1 by first appearance in row order.
 
-Differences from the BA public code, on purpose:
-- Centroid of a merged group = mean of all its member *rows* (centroids weighted by their member counts);
-  the public code averages the member centroids with equal weights from the second round on.
-- The public code's first round, on 3-frame windows, first replaces each row by the normalised mean of its
-  tau-neighbours and only then absorbs; SPEC's round is the plain absorption, which is what runs here.
-  Its windowing is available as ``first_round_block`` (a memory bound, see ``cluster_attention``).
+Two choices, each with the BA public code's behaviour as the config default (configs/methods/ba.yaml):
+- ``smooth`` (code: on): the first round, on 3-frame windows, first replaces each row by the normalised
+  mean of its tau-neighbours and only then absorbs (SPEC's plain round when off).
+- ``weights``: a merged centroid is the plain mean of its member centroids (``'equal'``, the code), or
+  the mean of all rows it stands for (``'members'``: centroids weighted by their member counts).
+Both plain alternatives stay as options because they do better on the demo video with the frozen
+DINOv2 attention (README, "Videos: BA").
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import torch
 # Floor under probabilities before the log. Softmax attention over thousands of keys underflows to 0 in
 # float32, and 0 * log 0 would be NaN; a floor this small changes the distance by far less than tau.
 LOG_FLOOR = 1e-12
+
+CentroidWeights = Literal["equal", "members"]
 
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -87,12 +90,32 @@ def _merge(
     return summed / total.unsqueeze(1), total
 
 
-def first_round(blocks: Iterable[torch.Tensor], tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def smooth_rows(rows: torch.Tensor, tau: float, chunk: int = 4096) -> torch.Tensor:
+    """Each row replaced by the normalised mean of the rows within ``tau`` of it (itself included): the
+    BA code's first-round smoothing. (n, K) distributions -> (n, K); ``chunk`` rows at a time bound the
+    (chunk, n) neighbourhood matrix."""
+    out = torch.empty_like(rows)
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start : start + chunk]
+        within = (symmetric_kl(part, rows) <= tau).to(rows.dtype)
+        within[:, start : start + part.shape[0]].fill_diagonal_(1)  # a row is always its own neighbour
+        summed = within @ rows
+        out[start : start + part.shape[0]] = summed / summed.sum(dim=1, keepdim=True)
+    return out
+
+
+def first_round(
+    blocks: Iterable[torch.Tensor], tau: float, smooth: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorption on each block of rows on its own -> centroids and member counts, in block order (so the
-    leaders stay in global row order). Blocks can be produced lazily: only one exists at a time."""
+    leaders stay in global row order). With ``smooth``, the rows of a block are first smoothed
+    (:func:`smooth_rows`) and the centroids are means of smoothed rows. Blocks can be produced lazily:
+    only one exists at a time."""
     centroids, counts = [], []
     for rows in blocks:
         rows = _normalised(rows)
+        if smooth:
+            rows = smooth_rows(rows, tau)
         group = _greedy_absorb(symmetric_kl(rows, rows), tau)
         c, w = _merge(rows, torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device), group)
         centroids.append(c)
@@ -100,13 +123,21 @@ def first_round(blocks: Iterable[torch.Tensor], tau: float) -> tuple[torch.Tenso
     return torch.cat(centroids), torch.cat(counts)
 
 
-def merge_rounds(centroids: torch.Tensor, counts: torch.Tensor, tau: float, rounds: int) -> torch.Tensor:
-    """Further absorption rounds on the centroids until their count stops changing (at most ``rounds``)."""
+def merge_rounds(
+    centroids: torch.Tensor, counts: torch.Tensor, tau: float, rounds: int, weights: CentroidWeights
+) -> torch.Tensor:
+    """Further absorption rounds on the centroids until their count stops changing (at most ``rounds``).
+    A merged centroid is the mean of its members, each weighted by its member count (``'members'``: the
+    mean of all rows it stands for) or equally (``'equal'``: the BA code)."""
+    if weights not in ("equal", "members"):
+        raise ValueError(f"weights must be 'equal' or 'members', got {weights!r}")
     for _ in range(rounds):
         group = _greedy_absorb(symmetric_kl(centroids, centroids), tau)
         if int(group.max()) + 1 == centroids.shape[0]:
             break  # every leader absorbed only itself: nothing can change any more
-        centroids, counts = _merge(centroids, counts, group)
+        centroids, counts = _merge(
+            centroids, counts if weights == "members" else torch.ones_like(counts), group
+        )
     return centroids
 
 
@@ -133,30 +164,45 @@ def nearest_centroid(rows: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
     return symmetric_kl(rows, centroids).argmin(dim=1)
 
 
-def cluster_blocks(blocks: Callable[[], Iterable[torch.Tensor]], tau: float, max_rounds: int) -> torch.Tensor:
+def cluster_blocks(
+    blocks: Callable[[], Iterable[torch.Tensor]],
+    tau: float,
+    max_rounds: int,
+    *,
+    smooth: bool,
+    weights: CentroidWeights,
+) -> torch.Tensor:
     """BA clustering of attention rows that come in blocks -> (N,) long labels, N = all rows in order.
 
     ``blocks()`` yields the (n_i, K) row blocks, one at a time; it is called twice (absorption, then the
-    assignment), so only one block needs to exist at once. The first round absorbs within each block,
-    later rounds merge centroids; each row then takes its nearest centroid. Labels are numbered by first
-    appearance in row order; a centroid that wins no row leaves no label.
+    assignment), so only one block needs to exist at once. The first round absorbs within each block
+    (smoothed first when ``smooth``), later rounds merge centroids (``weights``, see
+    :func:`merge_rounds`); each (unsmoothed) row then takes its nearest centroid. Labels are numbered by
+    first appearance in row order; a centroid that wins no row leaves no label.
     """
-    centroids, counts = first_round(blocks(), tau)
-    centroids = merge_rounds(centroids, counts, tau, max_rounds - 1)
+    centroids, counts = first_round(blocks(), tau, smooth)
+    centroids = merge_rounds(centroids, counts, tau, max_rounds - 1, weights)
     return first_appearance_labels(torch.cat([nearest_centroid(_normalised(b), centroids) for b in blocks()]))
 
 
 def cluster_attention(
-    attn: torch.Tensor, tau: float, max_rounds: int, first_round_block: int | None = None
+    attn: torch.Tensor,
+    tau: float,
+    max_rounds: int,
+    first_round_block: int | None = None,
+    *,
+    smooth: bool,
+    weights: CentroidWeights,
 ) -> torch.Tensor:
     """BA hierarchical clustering of attention rows: (N, K) attention -> (N,) long labels 0..C-1.
 
     attn: one distribution per row (rows are renormalised to sum 1; any float dtype, computed in float32 or
     float64). tau: symmetric-KL threshold (SPEC: 1.0; 1.6 merges all foreground). max_rounds: at most this
     many absorption rounds in all (>= 1); the loop usually stops earlier, when the count stops changing.
-    first_round_block: None = the first round sees all N rows at once (SPEC; memory N x N). An int runs the
+    first_round_block: None = the first round sees all N rows at once (memory N x N). An int runs the
     first round on consecutive blocks of that many rows, each on its own, as the BA code does on 3-frame
     windows (pass 3*h*w); memory is then block x block, and later rounds work on the centroids of all blocks.
+    smooth, weights: see :func:`cluster_blocks` (the BA code: True, 'equal').
     """
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
@@ -166,7 +212,11 @@ def cluster_attention(
         raise ValueError(f"first_round_block must be >= 1 or None, got {first_round_block}")
     block = first_round_block or attn.shape[0]
     return cluster_blocks(
-        lambda: (attn[s : s + block] for s in range(0, attn.shape[0], block)), tau, max_rounds
+        lambda: (attn[s : s + block] for s in range(0, attn.shape[0], block)),
+        tau,
+        max_rounds,
+        smooth=smooth,
+        weights=weights,
     )
 
 

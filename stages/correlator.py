@@ -9,6 +9,13 @@ The block (SPEC "BA (videos)"): x = tokens + e_t (a learnable embedding per fram
 x = x + Attn(LN(x)), x = x + MLP(LN(x)), 8 heads, MLP ratio 4, GELU, no qkv bias (as the BA code). The
 block's own attention runs over all T * (1 + n) tokens, CLS included (it mixes the values).
 
+Dropout in training, as the BA code's block: ``attn_drop`` (0.4) on the attention probabilities, and
+``proj_drop`` (0.1) after the output projection and after both MLP layers. The losses read the attention
+*after* its dropout (the BA code returns the dropped attention to them): the patch attention below uses the
+same dropped positions, scaled by 1 / (1 - attn_drop), so its rows sum to 1 only on average while
+training. The masks come from a generator the caller seeds (a resumed run draws the same masks). In eval
+mode (inference) nothing is dropped.
+
 Patch attention A_v (what the losses and the clustering use), a readout of the same queries and keys:
 per head, softmax over the *patch* keys only (CLS keys excluded before the softmax) of the patch queries,
 then the mean over heads -> (B, T*n, T*n), rows sum to 1 by construction. Why this and not "drop the CLS
@@ -31,7 +38,10 @@ frame t uses the centre embedding e_c (c = (M - 1) // 2, M = max_frames) and a k
 e_{c + clamp(s - t, -c, M - 1 - c)}. Every (query, key) embedding pair is then one the block saw in
 training (the centre frame of a training clip looking at itself, at earlier and at later frames); for
 M = 3 it is just "same frame / earlier / later". ``temporal='absolute'`` (frame t uses e_t, as in
-training) is allowed only for videos of at most M frames. The BA code has no temporal embedding (its
+training) is allowed only for videos of at most M frames. ``temporal='shared'`` gives every frame, query
+or key, the centre embedding e_c: each key frame then has one embedding whatever the query, so its patches
+cannot look different to queries before and after it (with 'relative' they can, which may split a track),
+at the price of no temporal signal at all. The BA code has no temporal embedding (its
 ``encoder_pos`` is commented out), so it does not face this; SPEC asks for one. Set max_frames to the
 training clip length T: with M > T the embeddings beyond T are never trained.
 
@@ -64,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +82,7 @@ from torch import nn
 from stages.ba_cluster import LOG_FLOOR, symmetric_kl
 from stages.io import atomic_write_bytes
 
-TemporalMode = Literal["absolute", "relative"]
+TemporalMode = Literal["absolute", "relative", "shared"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,19 +95,41 @@ def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.reshape(*lead, n, num_heads, c // num_heads).transpose(-3, -2)
 
 
-def patch_attention(logits: torch.Tensor, num_frames: int) -> torch.Tensor:
+def _patches(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B, heads, T*(1+n), T*(1+n)) over frame-major tokens, CLS first in every frame -> the (B, heads,
+    T*n, T*n) patch-to-patch entries."""
+    b, heads, total, _ = x.shape
+    per_frame = total // num_frames
+    n = per_frame - 1
+    grid = x.reshape(b, heads, num_frames, per_frame, num_frames, per_frame)
+    return grid[:, :, :, 1:, :, 1:].reshape(b, heads, num_frames * n, num_frames * n)
+
+
+def patch_attention(
+    logits: torch.Tensor, num_frames: int, keep: torch.Tensor | None = None, drop: float = 0.0
+) -> torch.Tensor:
     """Head-averaged attention among patches from the block's logits.
 
     logits: (B, heads, T*(1+n), T*(1+n)) scaled q.k of frame-major tokens, CLS first in every frame.
+    keep: None, or the (same shape) bool mask of the attention dropout with probability ``drop``: the
+    dropped positions are zeroed and the others scaled by 1 / (1 - drop) before the head mean.
     Returns (B, T*n, T*n): per head the softmax over the patch keys only (CLS rows and columns removed
-    before the softmax), then the mean over heads; every row sums to 1.
+    before the softmax), then the mean over heads; without dropout every row sums to 1.
     """
-    b, heads, total, _ = logits.shape
-    per_frame = total // num_frames
-    n = per_frame - 1
-    grid = logits.reshape(b, heads, num_frames, per_frame, num_frames, per_frame)
-    patches = grid[:, :, :, 1:, :, 1:].reshape(b, heads, num_frames * n, num_frames * n)
-    return patches.softmax(dim=-1).mean(dim=1)
+    attn = _patches(logits, num_frames).softmax(dim=-1)
+    if keep is not None:
+        attn = attn * _patches(keep, num_frames) / (1 - drop)
+    return attn.mean(dim=1)
+
+
+def dropout_mask(shape: torch.Size, drop: float, generator: torch.Generator | None, device) -> torch.Tensor:
+    """A bool mask of ``shape``, each entry kept (True) with probability 1 - drop."""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1 - drop, generator=generator)
+
+
+def _dropout(x: torch.Tensor, drop: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout with the masks drawn from ``generator`` (``F.dropout`` takes none)."""
+    return x * dropout_mask(x.shape, drop, generator, x.device) / (1 - drop)
 
 
 def head_mean_softmax(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -160,12 +193,25 @@ class TemporalCorrelator(nn.Module):
     LayerNorms) + max_frames * C (temporal embedding); 1,774,464 for C = 384, max_frames = 3.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, max_frames: int):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        max_frames: int,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
+            if not 0 <= p < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
         self.num_heads = num_heads
         self.max_frames = max_frames
+        self.attn_drop = attn_drop
+        self.proj_drop = proj_drop
         self.scale = (dim // num_heads) ** -0.5
         hidden = int(dim * mlp_ratio)
         self.temporal = nn.Parameter(torch.zeros(max_frames, dim))
@@ -188,21 +234,32 @@ class TemporalCorrelator(nn.Module):
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
 
-    def forward(self, tokens: torch.Tensor, with_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, tokens: torch.Tensor, with_attention: bool, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens (B, T, 1 + n, C), T <= max_frames -> fused tokens (B, T, 1 + n, C) and, when asked,
-        the patch attention (B, T*n, T*n) (``patch_attention``), else None."""
+        the patch attention (B, T*n, T*n) (``patch_attention``, after the attention dropout), else None.
+        In training mode the dropout masks come from ``generator`` (on the model's device; None = torch's
+        global generator)."""
         b, t, per_frame, c = tokens.shape
         if t > self.max_frames:
             raise ValueError(f"clip of {t} frames, but the temporal embedding has only {self.max_frames}")
+        attn_drop = self.attn_drop if self.training else 0.0
+        proj_drop = self.proj_drop if self.training else 0.0
         x = tokens.to(self.temporal.dtype) + self.temporal[:t, None, :]
         x = x.reshape(b, t * per_frame, c)
         h = self.norm1(x)
         q, k, v = (split_heads(layer(h), self.num_heads) for layer in (self.q, self.k, self.v))
         logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-        mixed = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t * per_frame, c)
-        x = x + self.proj(mixed)
-        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-        attn = patch_attention(logits, t) if with_attention else None
+        probs = logits.softmax(dim=-1)
+        keep = dropout_mask(logits.shape, attn_drop, generator, logits.device) if attn_drop else None
+        if keep is not None:
+            probs = probs * keep / (1 - attn_drop)
+        mixed = (probs @ v).transpose(1, 2).reshape(b, t * per_frame, c)
+        drop = (lambda y: _dropout(y, proj_drop, generator)) if proj_drop else (lambda y: y)
+        x = x + drop(self.proj(mixed))
+        x = x + drop(self.fc2(drop(F.gelu(self.fc1(self.norm2(x))))))
+        attn = patch_attention(logits, t, keep, attn_drop) if with_attention else None
         return x.reshape(b, t, per_frame, c), attn
 
     def _heads(self, layer: nn.Linear, patches: torch.Tensor, position: int) -> torch.Tensor:
@@ -220,11 +277,13 @@ class TemporalCorrelator(nn.Module):
             if num_frames > m:
                 raise ValueError(f"temporal='absolute' needs at most {m} frames, the video has {num_frames}")
             return query_frame, key_frame
+        centre = (m - 1) // 2
         if temporal == "relative":
-            centre = (m - 1) // 2
             offset = min(max(key_frame - query_frame, -centre), m - 1 - centre)
             return centre, centre + offset
-        raise ValueError(f"temporal must be 'absolute' or 'relative', got {temporal!r}")
+        if temporal == "shared":
+            return centre, centre
+        raise ValueError(f"temporal must be 'absolute', 'relative' or 'shared', got {temporal!r}")
 
     @torch.no_grad()
     def sparse_attention(
@@ -333,11 +392,18 @@ def entropy_weights(attn: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-entropy, dim=1)
 
 
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """(B, N) weights summing to 1 per clip -> (B,) Kish's effective sample size 1 / sum_i w_i^2: N for
+    uniform weights, 1 when one row takes all the weight (a collapse of the entropy weighting)."""
+    return 1.0 / (weights * weights).sum(dim=1)
+
+
 def correlator_loss(
     fused: torch.Tensor, attn: torch.Tensor, params: LossParams
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """BA training loss of one batch: fused (B, T, 1 + n, C) correlator output, attn (B, T*n, T*n) its
-    patch attention -> (scalar loss, {'semantic', 'motion'}: the weighted parts, for logging).
+    patch attention -> (scalar loss, {'semantic', 'motion': the weighted parts, 'ess': the entropy
+    weights' effective sample size, mean over the clips (of N = T*n rows)}, for logging).
 
     loss = mean over the batch of sum_i w_i (Ls_i + Lm_i), samples from ``sample_pos_neg``.
     """
@@ -347,7 +413,12 @@ def correlator_loss(
     weights = entropy_weights(attn)
     semantic = (weights * semantic_margin_loss(features, pos, neg, params.semantic_margin)).sum(1).mean()
     motion = (weights * motion_margin_loss(attn, pos, neg, params.motion_margin)).sum(1).mean()
-    return semantic + motion, {"semantic": float(semantic.detach()), "motion": float(motion.detach())}
+    parts = {
+        "semantic": float(semantic.detach()),
+        "motion": float(motion.detach()),
+        "ess": float(effective_sample_size(weights).mean()),
+    }
+    return semantic + motion, parts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,6 +452,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return int(state["step"])
 
 
+def step_seed(seed: int, step: int) -> int:
+    """A 63-bit seed for the random draws of one training step, from the run's seed and the step."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def train_correlator(
     correlator: TemporalCorrelator,
     clips: Iterable[torch.Tensor],
@@ -391,6 +467,7 @@ def train_correlator(
     checkpoint: Path | None,
     checkpoint_every: int | None,
     on_step: Callable[[int, float, dict[str, float]], None] | None = None,
+    seed: int = 0,
 ) -> list[float]:
     """Train the correlator with AdamW until ``steps`` optimizer steps are done in all.
 
@@ -399,8 +476,9 @@ def train_correlator(
     (as ``Backbone`` returns them) can be used. checkpoint: when the file exists, model, optimizer and
     step are restored from it first and training resumes (``clips`` should then yield the batches of the
     remaining steps); it is written every ``checkpoint_every`` steps (None: only at the end) and at the
-    end. on_step(step, loss, parts) is called after every step. Returns the losses of the steps run here.
-    Stops early if ``clips`` runs out.
+    end. on_step(step, loss, parts) is called after every step (parts: see ``correlator_loss``). The
+    dropout masks of step s come from a generator seeded by (seed, s), so a resumed run continues exactly
+    as an uninterrupted one. Returns the losses of the steps run here. Stops early if ``clips`` runs out.
     """
     optimizer = make_optimizer(correlator, lr, weight_decay)
     step = 0
@@ -414,7 +492,8 @@ def train_correlator(
         tokens = next(batches, None)
         if tokens is None:
             break
-        fused, attn = correlator(tokens.to(device).clone(), with_attention=True)
+        generator = torch.Generator(device).manual_seed(step_seed(seed, step))
+        fused, attn = correlator(tokens.to(device).clone(), with_attention=True, generator=generator)
         loss, parts = correlator_loss(fused, attn, loss_params)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -29,10 +29,10 @@ def add_cutler_config(cfg: CfgNode) -> None:
     - ``MODEL.ROI_HEADS.DROPLOSS.IOU_THRESH``: a proposal whose regressed box has max IoU <= this with every
       pseudo-box of its image gets weight 0 in the classification loss.
     - ``INPUT.COPY_PASTE.ENABLED``: apply the batch-level copy-paste of ``stages/copy_paste.py``.
-    - ``INPUT.COPY_PASTE.RATIO_RANGE``: (low, high) of the uniform scale of pasted objects (round 0;
-      self-training rounds use (0.5, 1.0) in their YAML).
-    - ``INPUT.COPY_PASTE.MIN_AREA``: an existing mask that loses pixels under a pasted object and keeps
-      fewer than this many pixels is dropped (16 px = a 4x4 fragment, far below the smallest FPN anchor).
+    - ``INPUT.COPY_PASTE.RATIO_RANGE``: (low, high) <= 1 of the uniform ratio of a pasted source image's
+      size to the target image's size (round 0; self-training rounds use (0.5, 1.0) in their YAML).
+    - ``INPUT.COPY_PASTE.MAX_OCCLUSION``: an object that would cover this fraction or more of an existing
+      mask is not pasted (CutLER's code: 0.5); existing masks are dropped only when fully covered.
     """
     cfg.MODEL.ROI_HEADS.DROPLOSS = CfgNode()
     cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED = False
@@ -41,4 +41,4 @@ def add_cutler_config(cfg: CfgNode) -> None:
     cfg.INPUT.COPY_PASTE = CfgNode()
     cfg.INPUT.COPY_PASTE.ENABLED = False
     cfg.INPUT.COPY_PASTE.RATIO_RANGE = (0.3, 1.0)
-    cfg.INPUT.COPY_PASTE.MIN_AREA = 16
+    cfg.INPUT.COPY_PASTE.MAX_OCCLUSION = 0.5

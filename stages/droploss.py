@@ -14,6 +14,12 @@ Pieces:
   ``MODEL.ROI_HEADS.DROPLOSS.ENABLED`` and give each sampled proposal a view of *all* pseudo-boxes of its
   image (field :data:`IMAGE_GT_BOXES`), because the stock labelling keeps only the matched box.
 
+Difference from CutLER's code, kept on purpose: its cascade heads compare each proposal with only the first
+u of the proposals' *matched* boxes, u = the number of distinct boxes among the first 100 proposals'
+matches (a side effect of how it indexes them), so some pseudo-boxes can be missing from the comparison and
+others repeated. Here every proposal is compared with all pseudo-boxes of its image, the paper's definition
+and SPEC's; a proposal can then only be kept where CutLER's code would drop it, never the reverse.
+
 Use: ``import stages.droploss`` (registers the heads), ``add_cutler_config(cfg)``, then
 ``cfg.MODEL.ROI_HEADS.NAME = "DropLossCascadeROIHeads"`` (or ``"DropLossROIHeads"``).
 With DropLoss disabled these heads build and train exactly like the stock ones.

@@ -56,12 +56,12 @@ SIGN_TIE = 1e-4  # entries within this relative distance of the largest magnitud
 
 
 def unit_keys(keys: torch.Tensor, center: bool) -> torch.Tensor:
-    """(n, d) keys -> (n, d) rows of unit length; with ``center`` the per-image mean key is removed first
-    (DINOv2's keys all point the same way, SPEC "Backbone")."""
+    """(..., n, d) keys -> (..., n, d) rows of unit length (all-zero rows stay zero); with ``center`` the
+    per-image mean key is removed first (DINOv2's keys all point the same way, SPEC "Backbone")."""
     keys = keys.float()
     if center:
-        keys = keys - keys.mean(dim=0, keepdim=True)
-    return F.normalize(keys, dim=1)
+        keys = keys - keys.mean(dim=-2, keepdim=True)
+    return F.normalize(keys, dim=-1)
 
 
 def binary_affinity(feats: torch.Tensor, tau: float, eps: float, blocks: int = 8) -> torch.Tensor:
@@ -80,6 +80,12 @@ def binary_affinity(feats: torch.Tensor, tau: float, eps: float, blocks: int = 8
         out[a:b, a:] = block
         out[a:, a:b] = block.T
     return out
+
+
+def weighted_affinity(similarity: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    """In place: the weighted graph of a (..., n, n) similarity, the similarity where it is above ``tau`` and
+    ``eps`` elsewhere (ssl-vos keeps the weights where TokenCut and MaskCut binarise them). Returns it."""
+    return similarity.masked_fill_(similarity <= tau, _float32(eps))
 
 
 def isolate_nodes(affinity: torch.Tensor, taken: torch.Tensor, tau: float, eps: float) -> torch.Tensor:

@@ -129,7 +129,7 @@ def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
 
 def build_trainer(cfg):
     from detectron2.data import build_detection_train_loader
-    from detectron2.engine import DefaultTrainer
+    from detectron2.engine import DefaultTrainer, hooks
 
     from stages.copy_paste import CopyPasteLoader
 
@@ -148,6 +148,22 @@ def build_trainer(cfg):
             from stages.vitdet import build_optimizer  # AdamW with ViTDet's layer-wise lr decay
 
             return build_optimizer(cfg, model)
+
+        def build_hooks(self):
+            # detectron2's PreciseBN hook (with BatchNorm layers only) reads build_train_loader, which
+            # pastes here; CutLER pastes in its training step, so its BatchNorm statistics come from plain
+            # training images: give the hook those.
+            return [
+                hooks.PreciseBN(
+                    self.cfg.TEST.EVAL_PERIOD,
+                    self.model,
+                    build_detection_train_loader(self.cfg),
+                    self.cfg.TEST.PRECISE_BN.NUM_ITER,
+                )
+                if isinstance(h, hooks.PreciseBN)
+                else h
+                for h in super().build_hooks()
+            ]
 
     return CutLERTrainer(cfg)
 

@@ -8,6 +8,11 @@ sequence, 0 = background, any other value = an object id that keeps its identity
 - ``davis_jf``: the DAVIS-2017 unsupervised protocol: J and F of every (prediction, gt object) pair in every
   frame, one Hungarian matching per sequence on the frame-averaged (J + F) / 2. The BA public code instead
   matches in every frame separately, which lets identities swap between frames for free; not done here.
+- ``davis_proposals``: what DAVIS scores of a prediction: at most 20 proposals (the official evaluator
+  refuses more; here the 20 largest are kept).
+
+``davis_jf`` and ``miou_hungarian`` take an optional ``void`` (T, H, W) bool volume: pixels left out of
+every count (DAVIS marks them 255), as davis2017-evaluation leaves them out of J and F.
 """
 
 from __future__ import annotations
@@ -21,13 +26,46 @@ from scipy.optimize import linear_sum_assignment
 # bound_th). A property of the benchmark, not a tunable parameter.
 DAVIS_BOUNDARY_FRACTION = 0.008
 EMPTY = -1  # id of the empty proposals DAVIS pads the predictions with
+# davis2017-evaluation's limit on proposals per sequence in the unsupervised task (max_n_proposals).
+DAVIS_MAX_PROPOSALS = 20
 
 
-def _check_volumes(gt: np.ndarray, pred: np.ndarray) -> None:
+def _check_volumes(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> None:
     if gt.shape != pred.shape or gt.ndim != 3:
         raise ValueError(f"gt and pred must be (T, H, W) of one shape, got {gt.shape} and {pred.shape}")
+    if void is not None and (void.shape != gt.shape or void.dtype != bool):
+        raise ValueError(f"void must be a bool volume of shape {gt.shape}, got {void.dtype} {void.shape}")
     if gt.min(initial=0) < 0 or pred.min(initial=0) < 0:
         raise ValueError("labels must be non-negative (0 = background)")
+
+
+def keep_largest_proposals(pred: np.ndarray, max_proposals: int) -> np.ndarray:
+    """(T, H, W) predicted ids -> the same with at most ``max_proposals`` ids: the largest (most pixels
+    over the sequence; ties: the lower id) renumbered 1..k in their original order, the rest background 0."""
+    if max_proposals < 1:
+        raise ValueError(f"max_proposals must be >= 1, got {max_proposals}")
+    ids, sizes = np.unique(pred[pred != 0], return_counts=True)
+    if ids.size <= max_proposals:
+        return pred
+    kept = np.sort(ids[np.lexsort((ids, -sizes))[:max_proposals]])  # by size, then id
+    lookup = np.zeros(int(ids.max()) + 1, dtype=pred.dtype)
+    lookup[kept] = np.arange(1, kept.size + 1)
+    return lookup[pred]
+
+
+def with_background_proposal(pred: np.ndarray) -> np.ndarray:
+    """(T, H, W) predicted ids with the background 0 as one more proposal, id max + 1: every cluster of a
+    clustering method becomes a proposal (the BA code's evaluation; 0 is left only where nothing is)."""
+    out = pred.copy()
+    out[pred == 0] = int(pred.max(initial=0)) + 1
+    return out
+
+
+def davis_proposals(pred: np.ndarray, background: bool) -> np.ndarray:
+    """What DAVIS-17 unsupervised scores of a prediction: the background as a proposal too when asked
+    (:func:`with_background_proposal`), then at most DAVIS_MAX_PROPOSALS (20), the largest
+    (:func:`keep_largest_proposals`)."""
+    return keep_largest_proposals(with_background_proposal(pred) if background else pred, DAVIS_MAX_PROPOSALS)
 
 
 def _contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -89,16 +127,19 @@ def _object_ids(labels: np.ndarray) -> np.ndarray:
     return ids[ids != 0]
 
 
-def miou_hungarian(gt: np.ndarray, pred: np.ndarray) -> dict:
+def miou_hungarian(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> dict:
     """mIoU over the gt objects of a sequence with one Hungarian matching for the whole sequence.
 
-    IoU of gt object g and predicted object p = |g ∩ p| / |g ∪ p| over the (T, H, W) volume. Gt objects
+    IoU of gt object g and predicted object p = |g ∩ p| / |g ∪ p| over the (T, H, W) volume, void pixels
+    left out. Gt objects
     are matched one-to-one to predicted objects (predicted background 0 is never a candidate) maximising
     the summed IoU; a gt object left without a prediction (fewer predictions than objects) scores 0.
     Returns {'mean': mean IoU over gt objects (NaN if there are none), 'per_object': {gt id: IoU},
     'match': {gt id: matched predicted id or None}}.
     """
-    _check_volumes(gt, pred)
+    _check_volumes(gt, pred, void)
+    if void is not None:
+        gt, pred = np.where(void, 0, gt), np.where(void, 0, pred)
     gt_ids, pred_ids = _object_ids(gt), _object_ids(pred)
     per_object = {int(g): 0.0 for g in gt_ids}
     match: dict[int, int | None] = {int(g): None for g in gt_ids}
@@ -193,32 +234,41 @@ def _f_measure(n_pred: np.ndarray, n_gt: np.ndarray, pred_hit: np.ndarray, gt_hi
     return np.where(total > 0, 2 * precision * recall / np.maximum(total, 1e-12), 0.0)
 
 
-def _frame_scores(gt: np.ndarray, pred: np.ndarray, gt_ids: np.ndarray, n_pred: int, offsets: np.ndarray):
-    """J and F (n_pred, G) of every (prediction id 1..n_pred, gt object) pair in one (H, W) frame."""
+def _frame_scores(
+    gt: np.ndarray, pred: np.ndarray, valid: np.ndarray, gt_ids: np.ndarray, n_pred: int, offsets: np.ndarray
+):
+    """J and F (n_pred, G) of every (prediction id 1..n_pred, gt object) pair in one (H, W) frame; only the
+    ``valid`` (non-void) pixels count, and boundaries are those of the masks less the void pixels (as
+    davis2017-evaluation's db_eval_iou and f_measure)."""
     n_gt = len(gt_ids)
     g_index = np.where(gt != 0, np.searchsorted(gt_ids, gt), n_gt)  # n_gt = background
     p_index = np.where(pred != 0, pred - 1, n_pred)  # prediction ids are 1..n_pred
-    table = np.bincount((g_index * (n_pred + 1) + p_index).ravel(), minlength=(n_gt + 1) * (n_pred + 1))
+    pairs = (g_index * (n_pred + 1) + p_index)[valid]
+    table = np.bincount(pairs, minlength=(n_gt + 1) * (n_pred + 1))
     table = table.reshape(n_gt + 1, n_pred + 1)
     inter = table[:n_gt, :n_pred].T.astype(np.float64)  # (P, G)
     union = table[:n_gt].sum(axis=1)[None, :] + table[:, :n_pred].sum(axis=0)[:, None] - inter
     j = np.where(union > 0, inter / np.maximum(union, 1), 1.0)  # DAVIS: both empty -> J = 1
 
-    gt_bound = boundary_map(gt[None] == gt_ids[:, None, None])
-    pred_bound = boundary_map(pred[None] == np.arange(1, n_pred + 1)[:, None, None])
+    gt_bound = boundary_map((gt[None] == gt_ids[:, None, None]) & valid)
+    pred_bound = boundary_map((pred[None] == np.arange(1, n_pred + 1)[:, None, None]) & valid)
     pred_hit, gt_hit = _boundary_hits(pred_bound, gt_bound, offsets)
     f = _f_measure(pred_bound.sum(axis=(1, 2)), gt_bound.sum(axis=(1, 2)), pred_hit, gt_hit)
     return j, f
 
 
-def jf_pair_scores(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def jf_pair_scores(
+    gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """J and F of every (prediction, gt object) pair in every frame, before any matching.
 
     Gt objects: the distinct non-zero ids of ``gt``. Predictions: ids 1..max(pred), as DAVIS reads result
     PNGs (an id absent from every frame is an empty proposal), then padded with empty proposals (id EMPTY)
-    up to the number of gt objects. Returns j, f of shape (P, G, T), gt_ids (G,), pred_ids (P,).
+    up to the number of gt objects. Void pixels (``void``, optional) count nowhere. Returns j, f of shape
+    (P, G, T), gt_ids (G,), pred_ids (P,).
     """
-    _check_volumes(gt, pred)
+    _check_volumes(gt, pred, void)
+    valid = np.ones(gt.shape, dtype=bool) if void is None else ~void
     gt_ids = _object_ids(gt)
     n_pred = int(pred.max(initial=0))
     pred_ids = np.arange(1, n_pred + 1)
@@ -229,18 +279,21 @@ def jf_pair_scores(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.nda
     f = np.zeros_like(j)
     if gt_ids.size:
         for t in range(gt.shape[0]):
-            j[:n_pred, :, t], f[:n_pred, :, t] = _frame_scores(gt[t], pred[t], gt_ids, n_pred, offsets)
+            j[:n_pred, :, t], f[:n_pred, :, t] = _frame_scores(
+                gt[t], pred[t], valid[t], gt_ids, n_pred, offsets
+            )
         # an empty pad scores J = F = 1 where the object is absent too, 0 where it is present
-        absent = ~np.stack([(gt == g).any(axis=(1, 2)) for g in gt_ids])  # (G, T)
+        absent = ~np.stack([((gt == g) & valid).any(axis=(1, 2)) for g in gt_ids])  # (G, T)
         j[n_pred:] = absent
         f[n_pred:] = absent
     return j, f, gt_ids, pred_ids
 
 
-def davis_jf(gt: np.ndarray, pred: np.ndarray) -> dict:
+def davis_jf(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> dict:
     """DAVIS-2017 unsupervised J&F of one sequence, with the official sequence-level matching.
 
-    J = region IoU per frame (1 when gt and prediction are both empty in that frame); F = boundary
+    J = region IoU per frame over the non-void pixels (1 when gt and prediction are both empty in that
+    frame); F = boundary
     F-measure per frame (seg2bmap boundaries, tolerance disk of radius ceil(0.008 * diagonal)). Each
     prediction is scored against each gt object in every frame; one Hungarian matching for the whole
     sequence maximises the frame-mean (J + F) / 2 summed over gt objects; every gt object gets a
@@ -251,12 +304,14 @@ def davis_jf(gt: np.ndarray, pred: np.ndarray) -> dict:
     sequence means), and 'per_object': {gt id: {'J': frame-mean J, 'F': frame-mean F, 'pred': matched
     prediction id or None for an empty pad}}.
 
-    Differences from davis2017-evaluation: gt objects are all ids present in the sequence (the official
-    loader takes ids 1..max of the first frame; the same when every object is in frame 0); no cap on the
-    number of predictions (official: 20); per-object results are keyed by gt id (the official code lists
-    them in the order of the matched prediction's index, which mislabels objects but not the means).
+    ``pred`` is scored as given: pass it through :func:`davis_proposals` first for the official limit of
+    20 proposals (the official evaluator stops with an error above it; here the caller keeps the 20
+    largest). Differences from davis2017-evaluation: gt objects are all ids present in the sequence (the
+    official loader takes ids 1..max of the first frame; the same when every object is in frame 0);
+    per-object results are keyed by gt id (the official code lists them in the order of the matched
+    prediction's index, which mislabels objects but not the means).
     """
-    j, f, gt_ids, pred_ids = jf_pair_scores(gt, pred)
+    j, f, gt_ids, pred_ids = jf_pair_scores(gt, pred, void)
     if gt_ids.size == 0:
         return {"J": math.nan, "F": math.nan, "JF": math.nan, "per_object": {}}
     score = (j.mean(axis=2) + f.mean(axis=2)) / 2  # (P, G)

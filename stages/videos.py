@@ -1,4 +1,5 @@
-"""Video datasets: a folder of frame folders, DAVIS (JPEGImages/480p, Annotations/480p) and YouTube-VIS
+"""Video datasets: a folder of frame folders, DAVIS (JPEGImages/480p + the ground-truth folder named by
+``dataset.annotations``: Annotations_unsupervised/480p for DAVIS-17 unsupervised) and YouTube-VIS
 (JPEGImages/<video>/ + a json). Frames are ordered numerically. Ground truth is read only to evaluate."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from stages.export import coco_file, mask_annotation
 from stages.io import IMAGE_SUFFIXES, read_json
 
 DAVIS_RES = "480p"  # the DAVIS layout's resolution folder
+DAVIS_VOID = 255  # DAVIS's label of pixels that count nowhere (object borders, unclear regions)
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,29 @@ def frame_records(cfg: DatasetConfig) -> list[ImageRecord]:
     return [ImageRecord(i + 1, f, str(root / f)) for i, f in enumerate(frames)]
 
 
+def davis_annotations(cfg: DatasetConfig) -> Path | None:
+    """The DAVIS ground-truth folder (holding one folder of PNGs per video): ``dataset.annotations``
+    relative to the dataset root (or absolute); None when the config names none."""
+    return resolve(cfg.root) / cfg.annotations if cfg.annotations else None
+
+
 def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
     """(T, H, W) object ids of a video (0 = background; DAVIS's void 255 counts as background)."""
-    root = resolve(cfg.root)
+    return video_truth(cfg, video)[0]
+
+
+def video_truth(cfg: DatasetConfig, video: VideoRecord) -> tuple[np.ndarray, np.ndarray | None]:
+    """(T, H, W) object ids of a video (0 = background and void) and, for DAVIS, the (T, H, W) bool void
+    pixels (label 255), which evaluation leaves out; None for datasets without a void label."""
     if cfg.kind == "davis":
-        folder = root / "Annotations" / DAVIS_RES / video.name
-        maps = [np.array(Image.open(folder / f"{Path(f).stem}.png")) for f in video.frames]
+        folder = davis_annotations(cfg)
+        if folder is None:
+            raise DatasetError(f"dataset '{cfg.name}' names no ground-truth folder (dataset.annotations)")
+        maps = [np.array(Image.open(folder / video.name / f"{Path(f).stem}.png")) for f in video.frames]
         ids = np.stack(maps).astype(np.int64)
-        ids[ids == 255] = 0
-        return ids
+        void = ids == DAVIS_VOID
+        ids[void] = 0
+        return ids, void
     if cfg.kind == "ytvis":
         data = _ytvis_json(str(resolve(cfg.annotations)))
         meta = next(v for v in data["videos"] if v["id"] == video.id)
@@ -109,7 +125,7 @@ def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
                     if isinstance(rle.get("counts"), list):
                         rle = mask_utils.frPyObjects(rle, meta["height"], meta["width"])
                     ids[t][mask_utils.decode(rle).astype(bool)] = k
-        return ids
+        return ids, None
     raise DatasetError(f"dataset '{cfg.name}' ({cfg.kind}) has no ground truth")
 
 
@@ -118,7 +134,7 @@ def frames_ground_truth(cfg: DatasetConfig) -> dict | None:
     for detector AP and CorLoc on video frames; None when the dataset has no annotations."""
     if cfg.kind == "framefolders" or (cfg.kind == "ytvis" and not cfg.annotations):
         return None
-    if cfg.kind == "davis" and not (resolve(cfg.root) / "Annotations" / DAVIS_RES).is_dir():
+    if cfg.kind == "davis" and not (cfg.annotations and davis_annotations(cfg).is_dir()):
         return None
     ids = {r.file_name: r.id for r in frame_records(cfg)}
     images, annotations = [], []

@@ -26,3 +26,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def planted_solv():
+    """A tiny SOLV trained once per session on planted-object feature maps (tests/synthetic.py)."""
+    from tests.synthetic import train_planted_solv
+
+    return train_planted_solv()

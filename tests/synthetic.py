@@ -47,16 +47,21 @@ def write_image_folder(root, n: int, size: tuple[int, int] = (96, 128)) -> list[
 
 
 def write_davis_videos(
-    root, n_videos: int = 2, n_frames: int = 6, size: tuple[int, int] = (64, 96)
+    root,
+    n_videos: int = 2,
+    n_frames: int = 6,
+    size: tuple[int, int] = (64, 96),
+    annotations: str = "Annotations_unsupervised/480p",
 ) -> list[str]:
     """Videos of two coloured squares moving over a dark noisy background, in DAVIS layout (JPEGImages/480p,
-    Annotations/480p palette PNGs with ids 1 and 2, ImageSets/2017/val.txt). Returns the video names."""
+    palette PNGs with ids 1 and 2 under ``annotations`` (the DAVIS-17 unsupervised folder by default),
+    ImageSets/2017/val.txt). Returns the video names."""
     h, w = size
     names = [f"video{v}" for v in range(n_videos)]
     for v, name in enumerate(names):
         rng = np.random.default_rng(v)
         frames_dir = root / "JPEGImages" / "480p" / name
-        ann_dir = root / "Annotations" / "480p" / name
+        ann_dir = root / annotations / name
         frames_dir.mkdir(parents=True)
         ann_dir.mkdir(parents=True)
         for t in range(n_frames):
@@ -74,3 +79,121 @@ def write_davis_videos(
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
     return names
+
+
+def _place_boxes(
+    grid: tuple[int, int], count: int, sizes: tuple[int, int], gen: torch.Generator
+) -> list[Box]:
+    """``count`` non-overlapping boxes (y0, x0, y1, x1) on the grid, sides in [sizes[0], sizes[1]]."""
+    h, w = grid
+    while True:
+        boxes, taken = [], torch.zeros(grid, dtype=torch.bool)
+        for _ in range(count):
+            bh, bw = torch.randint(sizes[0], sizes[1] + 1, (2,), generator=gen).tolist()
+            y = int(torch.randint(0, h - bh + 1, (), generator=gen))
+            x = int(torch.randint(0, w - bw + 1, (), generator=gen))
+            boxes.append((y, x, y + bh, x + bw))
+            if taken[y : y + bh, x : x + bw].any():
+                break
+            taken[y : y + bh, x : x + bw] = True
+        else:
+            return boxes
+
+
+def paint_features(
+    labels: torch.Tensor, palette: torch.Tensor, noise: float, gen: torch.Generator
+) -> torch.Tensor:
+    """(..., h, w) labels (0 = background, k = object k) -> (..., h*w, D) features: palette[label] plus
+    Gaussian noise of std ``noise``."""
+    flat = labels.reshape(*labels.shape[:-2], -1)
+    clean = palette[flat]
+    return clean + noise * torch.randn(clean.shape, generator=gen)
+
+
+def planted_feature_maps(
+    batch: int,
+    grid: tuple[int, int],
+    palette: torch.Tensor,
+    objects: int,
+    gen: torch.Generator,
+    noise: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature maps of planted objects, like a frozen ViT's on simple scenes: (B, h*w, D) features and
+    (B, h, w) labels (0 = background, 1..objects). palette: (1 + P, D), row 0 the background's feature;
+    each map holds ``objects`` non-overlapping boxes at random places (sides 2 to half the grid), each
+    with its own feature drawn from rows 1..P."""
+    labels = torch.zeros(batch, *grid, dtype=torch.long)
+    features = torch.empty(batch, grid[0] * grid[1], palette.shape[1])
+    for i in range(batch):
+        for k, (y0, x0, y1, x1) in enumerate(_place_boxes(grid, objects, (2, min(grid) // 2), gen), 1):
+            labels[i, y0:y1, x0:x1] = k
+        rows = torch.cat(
+            [torch.zeros(1, dtype=torch.long), 1 + torch.randperm(len(palette) - 1, generator=gen)]
+        )
+        features[i] = paint_features(labels[i], palette[rows[: objects + 1]], noise, gen)
+    return features, labels
+
+
+def moving_boxes(
+    frames: int, grid: tuple[int, int], count: int, side: int, gen: torch.Generator
+) -> torch.Tensor:
+    """(T, h, w) labels of ``count`` side x side boxes (0 = background, k = box k) moving one patch per
+    frame on each axis in a random direction. A box bounces off the grid's edges, and stays put and turns
+    back where its move would overlap another box, so boxes never overlap."""
+    h, w = grid
+    boxes = [[y, x, *(torch.randint(0, 2, (2,), generator=gen) * 2 - 1).tolist()]
+             for y, x, _, _ in _place_boxes(grid, count, (side, side), gen)]  # fmt: skip
+
+    def overlaps(k: int, y: int, x: int) -> bool:
+        return any(abs(y - b[0]) < side and abs(x - b[1]) < side for j, b in enumerate(boxes) if j != k)
+
+    labels = torch.zeros(frames, h, w, dtype=torch.long)
+    for t in range(frames):
+        for k, (y, x, _, _) in enumerate(boxes):
+            labels[t, y : y + side, x : x + side] = k + 1
+        for k, box in enumerate(boxes):
+            y, x, dy, dx = box
+            dy = dy if 0 <= y + dy <= h - side else -dy
+            dx = dx if 0 <= x + dx <= w - side else -dx
+            if overlaps(k, y + dy, x + dx):
+                box[2:] = [-dy, -dx]
+            else:
+                box[:] = [y + dy, x + dx, dy, dx]
+    return labels
+
+
+def train_planted_solv(steps: int = 1100, seed: int = 0):
+    """A tiny SOLV (n = 0, 3 slots of 32, 16-d features on a 6x6 grid, no token drop or merging) trained
+    with the paper's loss on planted-object feature maps (two boxes, features drawn from a palette of 4
+    on a background) until its slots separate them: about 1000 steps, ~30 s of one CPU core. Returns
+    (model in eval mode, palette (5, 16), row 0 the background)."""
+    from stages.solv import SOLV, SOLVConfig
+    from stages.solv_train import FeatureBatch, SOLVTrainConfig, train_solv
+
+    grid, dim = (6, 6), 16
+    gen = torch.Generator().manual_seed(seed)
+    palette = torch.randn(5, dim, generator=gen)
+    cfg = SOLVConfig(
+        num_slots=3, slot_dim=32, slot_iters=3, context=0, temporal_layers=1, temporal_heads=4,
+        temporal_dropout=0.0, decoder_hidden=32, decoder_layers=3, scale_factor=5.0, token_drop=0.0,
+        merge_slots=False, merge_threshold=0.12, merge_min_slots=1,
+    )  # fmt: skip
+    schedule = SOLVTrainConfig(
+        steps=steps, lr=2e-3, warmup_fraction=0.0, final_lr_fraction=1.0, weight_decay=0.0, grad_clip=1.0,
+        merge_periods=1, seed=seed,
+    )  # fmt: skip
+
+    def batches():
+        while True:
+            features, _ = planted_feature_maps(16, grid, palette, 2, gen)
+            yield FeatureBatch(features[:, None], torch.ones(16, 1, dtype=torch.bool))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add contention
+    try:
+        torch.manual_seed(seed)
+        model = SOLV(cfg, dim, grid)
+        train_solv(model, batches(), schedule)
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), palette

@@ -12,6 +12,7 @@ from stages.ba_cluster import (
     cluster_attention,
     first_appearance_labels,
     instance_tracks,
+    smooth_rows,
     symmetric_kl,
 )
 
@@ -42,28 +43,43 @@ def n_clusters(labels: torch.Tensor) -> int:
     return int(torch.unique(labels).numel())
 
 
-def reference_clustering(rows: torch.Tensor, tau: float, max_rounds: int) -> torch.Tensor:
-    """SPEC's clustering written item by item (the slow way), to check the masked version against."""
-    items, weights = list(rows), [1.0] * rows.shape[0]
-    for _ in range(max_rounds):
+def reference_clustering(
+    rows: torch.Tensor, tau: float, max_rounds: int, smooth: bool = False, weights: str = "members"
+) -> torch.Tensor:
+    """The clustering written item by item (the slow way), to check the masked version against: SPEC's
+    plain rounds (smooth=False, weights='members'), or the BA code's (smoothed first round, equal-weight
+    merges)."""
+    items = list(rows)
+    if smooth:  # each row -> the normalised sum of the rows within tau of it
+        dist = symmetric_kl(rows, rows)
+        items = [
+            sum(rows[j] for j in range(len(rows)) if j == i or dist[i, j] <= tau) for i in range(len(rows))
+        ]
+        items = [item / item.sum() for item in items]
+    counts = [1.0] * rows.shape[0]
+    for r in range(max_rounds):
         dist = symmetric_kl(torch.stack(items), torch.stack(items))
         free = [True] * len(items)
-        new_items, new_weights = [], []
+        new_items, new_counts = [], []
         for i in range(len(items)):
             if not free[i]:
                 continue
             members = [j for j in range(len(items)) if free[j] and (j == i or dist[i, j] <= tau)]
             for j in members:
                 free[j] = False
-            w = sum(weights[j] for j in members)
-            new_items.append(sum(items[j] * weights[j] for j in members) / w)
-            new_weights.append(w)
+            w = [counts[j] if (weights == "members" or r == 0) else 1.0 for j in members]
+            new_items.append(sum(items[j] * wj for j, wj in zip(members, w, strict=True)) / sum(w))
+            new_counts.append(sum(counts[j] for j in members))
         changed = len(new_items) != len(items)
-        items, weights = new_items, new_weights
+        items, counts = new_items, new_counts
         if not changed:
             break
     nearest = symmetric_kl(rows, torch.stack(items)).argmin(dim=1)
     return first_appearance_labels(nearest)
+
+
+BA_CODE = {"smooth": True, "weights": "equal"}  # the BA code's clustering (the config's defaults)
+PLAIN = {"smooth": False, "weights": "members"}  # SPEC's plain rounds
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,28 +120,32 @@ def test_symmetric_kl_is_finite_with_zero_probabilities():
 # cluster_attention
 
 
-def test_recovers_distinct_groups():
+@pytest.mark.parametrize("mode", [BA_CODE, PLAIN], ids=["ba-code", "plain"])
+def test_recovers_distinct_groups(mode):
     rows, truth = grouped_rows(n_groups=4, per_group=30, keys=48, spread=0.3, seed=1)
-    labels = cluster_attention(rows, tau=1.0, max_rounds=100)
+    labels = cluster_attention(rows, tau=1.0, max_rounds=100, **mode)
     assert same_partition(labels, truth)
 
 
-def test_float32_input_and_first_round_blocks_give_the_same_groups():
+@pytest.mark.parametrize("mode", [BA_CODE, PLAIN], ids=["ba-code", "plain"])
+def test_float32_input_and_first_round_blocks_give_the_same_groups(mode):
     rows, truth = grouped_rows(n_groups=3, per_group=40, keys=48, spread=0.3, seed=2)
-    assert same_partition(cluster_attention(rows.float(), tau=1.0, max_rounds=100), truth)
-    blocked = cluster_attention(rows, tau=1.0, max_rounds=100, first_round_block=25)
+    assert same_partition(cluster_attention(rows.float(), tau=1.0, max_rounds=100, **mode), truth)
+    blocked = cluster_attention(rows, tau=1.0, max_rounds=100, first_round_block=25, **mode)
     assert same_partition(blocked, truth)
 
 
-def test_low_tau_splits_and_high_tau_merges():
+@pytest.mark.parametrize("mode", [BA_CODE, PLAIN], ids=["ba-code", "plain"])
+def test_low_tau_splits_and_high_tau_merges(mode):
     rows, truth = grouped_rows(n_groups=3, per_group=30, keys=48, spread=0.5, seed=3)
     # within a group rows differ by about 2 * spread^2 * keys / keys-ish; far below the between-group gap
-    assert n_clusters(cluster_attention(rows, tau=1.0, max_rounds=100)) == 3
-    assert n_clusters(cluster_attention(rows, tau=0.05, max_rounds=100)) > 3
-    assert n_clusters(cluster_attention(rows, tau=1e6, max_rounds=100)) == 1
+    assert n_clusters(cluster_attention(rows, tau=1.0, max_rounds=100, **mode)) == 3
+    assert n_clusters(cluster_attention(rows, tau=0.05, max_rounds=100, **mode)) > 3
+    assert n_clusters(cluster_attention(rows, tau=1e6, max_rounds=100, **mode)) == 1
 
 
-def test_threshold_between_two_close_groups_merges_them():
+@pytest.mark.parametrize("mode", [BA_CODE, PLAIN], ids=["ba-code", "plain"])
+def test_threshold_between_two_close_groups_merges_them(mode):
     g = torch.Generator().manual_seed(4)
     base = 3.0 * torch.randn(3, 32, generator=g, dtype=torch.float64)
     base[1] = base[0] + 0.6 * torch.randn(32, generator=g, dtype=torch.float64)  # group 1 is near group 0
@@ -134,32 +154,34 @@ def test_threshold_between_two_close_groups_merges_them():
     gap_01 = symmetric_kl(base[:1].softmax(1), base[1:2].softmax(1)).item()
     gap_02 = symmetric_kl(base[:1].softmax(1), base[2:3].softmax(1)).item()
     assert 0.2 < gap_01 < 5 < gap_02  # the construction does what the test needs
-    assert same_partition(cluster_attention(rows, tau=0.1, max_rounds=100), truth)
-    merged = cluster_attention(rows, tau=gap_01 * 1.5, max_rounds=100)
+    assert same_partition(cluster_attention(rows, tau=0.1, max_rounds=100, **mode), truth)
+    merged = cluster_attention(rows, tau=gap_01 * 1.5, max_rounds=100, **mode)
     assert same_partition(merged, torch.tensor([0] * 40 + [1] * 20))
 
 
-def test_matches_item_by_item_reference_over_several_rounds():
+# tau where later rounds still merge: smoothing makes the first round absorb more
+@pytest.mark.parametrize("mode, tau", [(BA_CODE, 0.3), (PLAIN, 1.0)], ids=["ba-code", "plain"])
+def test_matches_item_by_item_reference_over_several_rounds(mode, tau):
     # rows spread over a 2-D continuum: the first round leaves centroids that later rounds merge further
     g = torch.Generator().manual_seed(0)
     directions = torch.randn(2, 24, generator=g, dtype=torch.float64)
     t = 8 * torch.rand(120, 2, generator=g, dtype=torch.float64)
     rows = (t @ directions + 0.2 * torch.randn(120, 24, generator=g, dtype=torch.float64)).softmax(dim=1)
-    tau = 1.0
-    one_round = cluster_attention(rows, tau=tau, max_rounds=1)
-    two_rounds = cluster_attention(rows, tau=tau, max_rounds=2)
-    full = cluster_attention(rows, tau=tau, max_rounds=100)
-    assert torch.equal(one_round, reference_clustering(rows, tau, max_rounds=1))
-    assert torch.equal(full, reference_clustering(rows, tau, max_rounds=100))
-    assert torch.equal(two_rounds, reference_clustering(rows, tau, max_rounds=2))
+    one_round = cluster_attention(rows, tau=tau, max_rounds=1, **mode)
+    two_rounds = cluster_attention(rows, tau=tau, max_rounds=2, **mode)
+    full = cluster_attention(rows, tau=tau, max_rounds=100, **mode)
+    assert torch.equal(one_round, reference_clustering(rows, tau, 1, **mode))
+    assert torch.equal(full, reference_clustering(rows, tau, 100, **mode))
+    assert torch.equal(two_rounds, reference_clustering(rows, tau, 2, **mode))
     # later rounds did merge something, and the third round still did (so the loop really iterates)
     assert n_clusters(full) < n_clusters(two_rounds) < n_clusters(one_round)
 
 
-def test_labels_are_deterministic_and_numbered_by_first_appearance():
+@pytest.mark.parametrize("mode", [BA_CODE, PLAIN], ids=["ba-code", "plain"])
+def test_labels_are_deterministic_and_numbered_by_first_appearance(mode):
     rows, _ = grouped_rows(n_groups=4, per_group=25, keys=32, spread=0.4, seed=6)
-    a = cluster_attention(rows, tau=1.0, max_rounds=100)
-    b = cluster_attention(rows.clone(), tau=1.0, max_rounds=100)
+    a = cluster_attention(rows, tau=1.0, max_rounds=100, **mode)
+    b = cluster_attention(rows.clone(), tau=1.0, max_rounds=100, **mode)
     assert torch.equal(a, b)
     seen = -1
     for label in a.tolist():  # each new label is the next integer
@@ -168,15 +190,26 @@ def test_labels_are_deterministic_and_numbered_by_first_appearance():
     assert seen == n_clusters(a) - 1
 
 
+def test_smoothing_in_chunks_equals_all_at_once_and_averages_the_neighbours():
+    rows, _ = grouped_rows(n_groups=3, per_group=20, keys=32, spread=0.4, seed=8)
+    whole = smooth_rows(rows, 1.0)
+    assert torch.allclose(smooth_rows(rows, 1.0, chunk=7), whole, atol=1e-12)
+    near = symmetric_kl(rows, rows)[5] <= 1.0
+    assert 1 < int(near.sum()) < len(rows)  # a real neighbourhood, not one row nor all
+    assert torch.allclose(whole[5], rows[near].sum(0) / rows[near].sum(), atol=1e-12)
+    assert torch.allclose(smooth_rows(rows, -1.0), rows, atol=1e-15)  # no neighbour but itself: unchanged
+
+
 def test_bad_arguments_raise():
     rows = torch.full((4, 3), 1 / 3)
     with pytest.raises(ValueError):
-        cluster_attention(rows, tau=1.0, max_rounds=0)
+        cluster_attention(rows, tau=1.0, max_rounds=0, **BA_CODE)
     with pytest.raises(ValueError):
-        cluster_attention(rows, tau=1.0, max_rounds=5, first_round_block=0)
+        cluster_attention(rows, tau=1.0, max_rounds=5, first_round_block=0, **BA_CODE)
 
 
-def test_video_attention_to_tracks_end_to_end():
+@pytest.mark.parametrize("mode", [BA_CODE, PLAIN], ids=["ba-code", "plain"])
+def test_video_attention_to_tracks_end_to_end(mode):
     """Three frames of a 6x8 patch grid: background plus two squares that move; attention of each query
     patch goes to the key patches (every frame's) of its own object."""
     T, h, w = 3, 6, 8
@@ -189,7 +222,9 @@ def test_video_attention_to_tracks_end_to_end():
     logits = 6.0 * (flat[:, None] == flat[None, :]).double()
     noise = 0.3 * torch.randn(flat.numel(), flat.numel(), generator=g, dtype=torch.float64)
     rows = (logits + noise).softmax(dim=1)
-    labels = cluster_attention(rows, tau=1.0, max_rounds=100, first_round_block=h * w).reshape(T, h, w)
+    labels = cluster_attention(rows, tau=1.0, max_rounds=100, first_round_block=h * w, **mode).reshape(
+        T, h, w
+    )
     background = background_cluster(labels, rule="border")
     tracks = instance_tracks(labels, background)
     assert torch.equal(tracks, truth)  # object 1 appears first in (t, y, x) order, as in the truth

@@ -17,15 +17,19 @@ from stages.correlator import (
     clip_augment,
     correlator_loss,
     dino_sparse_attention,
+    dropout_mask,
+    effective_sample_size,
     entropy_weights,
     iter_attention_chunks,
     load_checkpoint,
     make_optimizer,
     motion_margin_loss,
+    patch_attention,
     sample_crop,
     sample_pos_neg,
     save_checkpoint,
     semantic_margin_loss,
+    split_heads,
     train_correlator,
 )
 
@@ -101,6 +105,53 @@ def test_attention_rows_are_patch_distributions():
     assert model(tokens, with_attention=False)[1] is None
     with pytest.raises(ValueError, match="temporal embedding"):
         model(make_tokens(2, batch=1, frames=FRAMES + 1), with_attention=False)
+
+
+def test_the_losses_read_the_attention_after_the_same_dropout_that_mixes_the_values():
+    model = make_model(30)
+    model.attn_drop = 0.4
+    tokens = make_tokens(31, batch=2, frames=FRAMES)
+    model.train()
+    with torch.no_grad():
+        fused, attn = model(tokens, with_attention=True, generator=torch.Generator().manual_seed(5))
+        # the same computation by hand, with the mask drawn from the same generator state
+        b, t, per_frame, c = tokens.shape
+        x = (tokens + model.temporal[:t, None, :]).reshape(b, t * per_frame, c)
+        q, k, v = (split_heads(layer(model.norm1(x)), HEADS) for layer in (model.q, model.k, model.v))
+        logits = (q * model.scale) @ k.transpose(-2, -1)
+        keep = dropout_mask(logits.shape, 0.4, torch.Generator().manual_seed(5), "cpu")
+        probs = logits.softmax(-1) * keep / 0.6
+        mixed = x + model.proj((probs @ v).transpose(1, 2).reshape(b, t * per_frame, c))
+        expected = mixed + model.fc2(torch.nn.functional.gelu(model.fc1(model.norm2(mixed))))
+    assert 0.5 < keep.float().mean() < 0.7
+    torch.testing.assert_close(attn, patch_attention(logits, t, keep, 0.4), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused, expected.reshape(fused.shape), atol=1e-5, rtol=1e-5)
+    # a dropped (query, key) pair is zero in the attention the losses read, in every head that dropped it
+    patch_keep = keep.reshape(b, HEADS, t, per_frame, t, per_frame)[:, :, :, 1:, :, 1:]
+    all_dropped = ~patch_keep.reshape(b, HEADS, t * (per_frame - 1), -1).any(dim=1)
+    assert all_dropped.any() and (attn[all_dropped] == 0).all()
+    # rows no longer sum to 1 exactly while training, but do on average
+    assert (attn.sum(-1) - 1).abs().max() > 1e-3 and abs(attn.sum(-1).mean().item() - 1) < 0.05
+
+
+def test_dropout_acts_only_in_training_and_from_the_generator():
+    model = make_model(32)
+    plain = make_model(32)
+    model.attn_drop, model.proj_drop = 0.4, 0.1
+    tokens = make_tokens(33, batch=1, frames=FRAMES)
+    with torch.no_grad():
+        eval_out = model(tokens, with_attention=True)
+        reference = plain(tokens, with_attention=True)
+        assert all(torch.equal(a, b) for a, b in zip(eval_out, reference, strict=True))  # eval: no dropout
+        model.train()
+        first = model(tokens, True, torch.Generator().manual_seed(1))
+        again = model(tokens, True, torch.Generator().manual_seed(1))
+        other = model(tokens, True, torch.Generator().manual_seed(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[1], other[1]) and not torch.equal(first[0], other[0])
+    assert not torch.equal(first[1], reference[1])
+    with pytest.raises(ValueError, match="attn_drop"):
+        TemporalCorrelator(DIM, HEADS, 4.0, FRAMES, attn_drop=1.0)
 
 
 def test_temporal_embedding_is_used():
@@ -180,6 +231,25 @@ def test_relative_temporal_positions_for_long_videos():
         model.sparse_attention(long_video, 2, "absolute", range(8))
     rows_long = model.sparse_attention(long_video, 2, "relative", range(8))
     torch.testing.assert_close(rows_long.sum(-1), torch.ones(8 * N_PATCH), atol=1e-5, rtol=0)
+
+
+def test_shared_temporal_embedding_gives_each_key_frame_one_embedding():
+    model = make_model(34)
+    for query, key in ((5, 0), (5, 19), (0, 0), (19, 3)):
+        assert model.embedding_positions(query, key, 20, "shared") == (1, 1)
+    long_video = make_tokens(35, batch=1, frames=8)[0]
+    shared = model.sparse_attention(long_video, 2, "shared", range(8))
+    # = the attention of a model whose every frame carries the centre embedding
+    centred = make_model(34)
+    with torch.no_grad():
+        centred.temporal[:] = model.temporal[1]
+    torch.testing.assert_close(
+        shared, centred.sparse_attention(long_video, 2, "relative", range(8)), atol=1e-6, rtol=1e-5
+    )
+    relative = model.sparse_attention(long_video, 2, "relative", range(8))
+    assert (shared - relative).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="shared"):
+        model.embedding_positions(0, 0, 3, "other")
 
 
 def test_dino_baseline_against_a_plain_loop():
@@ -288,6 +358,17 @@ def test_entropy_weights():
     torch.testing.assert_close(two.sum(1), torch.ones(2))  # normalised per clip
 
 
+def test_effective_sample_size_of_the_entropy_weights():
+    n = 12
+    uniform = torch.full((1, n), 1 / n)
+    one_row = torch.zeros(1, n)
+    one_row[0, 3] = 1.0
+    half = torch.zeros(1, n)
+    half[0, :4] = 0.25
+    sizes = effective_sample_size(torch.cat([uniform, one_row, half]))
+    torch.testing.assert_close(sizes, torch.tensor([float(n), 1.0, 4.0]))
+
+
 def test_total_loss_is_the_weighted_sum_of_the_parts():
     model = make_model(15)
     tokens = make_tokens(16, batch=2, frames=FRAMES)
@@ -305,6 +386,8 @@ def test_total_loss_is_the_weighted_sum_of_the_parts():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert parts["semantic"] + parts["motion"] == pytest.approx(loss.item(), rel=1e-5)
     assert parts["semantic"] > 0 and parts["motion"] > 0
+    assert parts["ess"] == pytest.approx(effective_sample_size(entropy_weights(attn)).mean().item())
+    assert 1 <= parts["ess"] <= FRAMES * N_PATCH
     assert loss_other_cls.item() == pytest.approx(loss.item(), rel=1e-6)  # CLS is not a patch
 
 
@@ -342,17 +425,18 @@ def test_training_reduces_the_loss_on_a_toy_problem():
     assert last < 0.7 * first, (first, last)
 
 
-def test_checkpoint_round_trip_and_resume(tmp_path):
+@pytest.mark.parametrize("drop", [(0.0, 0.0), (0.4, 0.1)], ids=["no-dropout", "dropout"])
+def test_checkpoint_round_trip_and_resume(tmp_path, drop):
     torch.manual_seed(19)
-    straight = TemporalCorrelator(DIM, HEADS, 4.0, FRAMES)
+    straight = TemporalCorrelator(DIM, HEADS, 4.0, FRAMES, *drop)
     start = {k: v.clone() for k, v in straight.state_dict().items()}
     batches = list(toy_clips(20, 2, 4))
-    train_correlator(straight, iter(batches), 4, 1e-3, 0.05, LOSS, None, None)
+    train_correlator(straight, iter(batches), 4, 1e-3, 0.05, LOSS, None, None, seed=3)
 
     path = tmp_path / "ckpt" / "correlator.pt"
-    first = TemporalCorrelator(DIM, HEADS, 4.0, FRAMES)
+    first = TemporalCorrelator(DIM, HEADS, 4.0, FRAMES, *drop)
     first.load_state_dict(start)
-    losses = train_correlator(first, iter(batches[:2]), 2, 1e-3, 0.05, LOSS, path, 1)
+    losses = train_correlator(first, iter(batches[:2]), 2, 1e-3, 0.05, LOSS, path, 1, seed=3)
     assert len(losses) == 2 and path.is_file()
     assert not list(path.parent.glob(".*.tmp"))  # atomic write left no temporary file
 
@@ -366,8 +450,8 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     assert len(state) == len(list(fresh.parameters())) and all(int(s["step"]) == 2 for s in state.values())
 
     # resume from the file: two more steps, and the result equals four uninterrupted steps
-    resumed = TemporalCorrelator(DIM, HEADS, 4.0, FRAMES)
-    more = train_correlator(resumed, iter(batches[2:]), 4, 1e-3, 0.05, LOSS, path, None)
+    resumed = TemporalCorrelator(DIM, HEADS, 4.0, FRAMES, *drop)
+    more = train_correlator(resumed, iter(batches[2:]), 4, 1e-3, 0.05, LOSS, path, None, seed=3)
     assert len(more) == 2
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=1e-5)

@@ -20,7 +20,7 @@ from stages.backbone import Backbone
 from stages.datasets import ground_truth_boxes, ground_truth_coco, list_images
 from stages.export import validate_coco
 from stages.train import check_labels
-from stages.videos import list_videos, video_ground_truth
+from stages.videos import list_videos, video_ground_truth, video_truth
 from tests.synthetic import write_davis_videos
 
 
@@ -36,13 +36,15 @@ def test_streamed_clustering_equals_the_blockwise_algorithm():
     ).method
     n = 12
     streamed = ba_tracks(lambda frames: attn[frames[0] * n : (frames[-1] + 1) * n], 5, (3, 4), cfg)
-    labels = cluster_attention(attn, 1.0, 50, first_round_block=2 * n).reshape(5, 3, 4)
+    labels = cluster_attention(
+        attn, 1.0, 50, first_round_block=2 * n, smooth=cfg.smooth_first_round, weights=cfg.centroid_weights
+    ).reshape(5, 3, 4)
     reference = instance_tracks(labels, background_cluster(labels, "border"))
     assert torch.equal(streamed, reference)
     assert len(torch.unique(streamed)) > 1
 
 
-def test_frame_folders_sort_numerically_and_davis_void_is_background(tmp_path):
+def test_frame_folders_sort_numerically(tmp_path):
     for name in ("frame10.jpg", "frame2.jpg", "frame1.jpg"):
         (tmp_path / "clip").mkdir(exist_ok=True)
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "clip" / name)
@@ -51,17 +53,40 @@ def test_frame_folders_sort_numerically_and_davis_void_is_background(tmp_path):
     assert clip.frames == ("clip/frame1.jpg", "clip/frame2.jpg", "clip/frame10.jpg")
     assert [r.file_name for r in list_images(cfg)] == list(clip.frames)  # frames double as images
 
-    root = tmp_path / "davis"
-    write_davis_videos(root, n_videos=1, n_frames=2)
-    ann = root / "Annotations" / "480p" / "video0" / "00000.png"
+
+def _set_void(ann: Path) -> None:
     ids = np.array(Image.open(ann))
     ids[0, :5] = 255  # DAVIS marks void pixels 255
     label = Image.fromarray(ids, mode="P")
     label.putpalette(Image.open(ann).getpalette())
     label.save(ann)
-    davis = load_config("davis17", "ba", [f"dataset.root={root}"]).dataset
-    gt = video_ground_truth(davis, list_videos(davis)[0])
-    assert gt.shape == (2, 64, 96) and set(np.unique(gt)) == {0, 1, 2}
+
+
+def test_davis_void_is_background_and_returned_apart(tmp_path):
+    write_davis_videos(tmp_path, n_videos=1, n_frames=2)
+    _set_void(tmp_path / "Annotations_unsupervised" / "480p" / "video0" / "00000.png")
+    davis = load_config("davis17", "ba", [f"dataset.root={tmp_path}"]).dataset
+    gt, void = video_truth(davis, list_videos(davis)[0])
+    assert gt.shape == void.shape == (2, 64, 96) and set(np.unique(gt)) == {0, 1, 2}
+    assert void.sum() == 5 and void[0, 0, :5].all() and (gt[void] == 0).all()
+    assert np.array_equal(video_ground_truth(davis, list_videos(davis)[0]), gt)
+
+
+def test_davis17_reads_the_unsupervised_annotations(tmp_path):
+    # The semi-supervised folder holds other objects (here: only object 1); DAVIS-17 unsupervised is
+    # scored on Annotations_unsupervised/480p, a dataset key that can name another folder.
+    write_davis_videos(tmp_path, n_videos=1, n_frames=2)
+    semi = tmp_path / "Annotations" / "480p" / "video0"
+    semi.mkdir(parents=True)
+    for ann in sorted((tmp_path / "Annotations_unsupervised" / "480p" / "video0").glob("*.png")):
+        ids = np.array(Image.open(ann))
+        Image.fromarray(np.where(ids == 1, 1, 0).astype(np.uint8), mode="P").save(semi / ann.name)
+    davis = load_config("davis17", "ba", [f"dataset.root={tmp_path}"]).dataset
+    assert davis.annotations == "Annotations_unsupervised/480p"
+    (video0,) = list_videos(davis)
+    assert set(np.unique(video_ground_truth(davis, video0))) == {0, 1, 2}
+    other = load_config("davis17", "ba", [f"dataset.root={tmp_path}", "dataset.annotations=Annotations/480p"])
+    assert set(np.unique(video_ground_truth(other.dataset, video0))) == {0, 1}
 
 
 def test_video_ground_truth_as_per_frame_coco(tmp_path):
@@ -75,7 +100,7 @@ def test_video_ground_truth_as_per_frame_coco(tmp_path):
     assert all(a["area"] == 400 for a in gt["annotations"])  # 20x20 squares
     boxes = ground_truth_boxes(davis)["JPEGImages/480p/video0/00001.png"]
     assert sorted(boxes.tolist()) == [[8.0, 8.0, 28.0, 28.0], [66.0, 36.0, 86.0, 56.0]]
-    (tmp_path / "Annotations").rename(tmp_path / "no-annotations")
+    (tmp_path / "Annotations_unsupervised").rename(tmp_path / "no-annotations")
     assert ground_truth_coco(davis) is None
 
 
@@ -187,6 +212,17 @@ def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tm
     second = torch.load(path, weights_only=True)
     assert second["step"] == 3
     assert any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    # the losses and the entropy weights' effective sample size are in TensorBoard, one point per step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(Path(path).parent / "tensorboard"))
+    board.Reload()
+    assert {"loss/total", "loss/semantic", "loss/motion", "weights/effective_sample_size"} <= set(
+        board.Tags()["scalars"]
+    )
+    ess = board.Scalars("weights/effective_sample_size")
+    assert [e.step for e in ess] == [1, 2, 3]
+    assert all(1 <= e.value <= 3 * 4 * 6 for e in ess)  # at most the T * n rows of a clip (3 frames of 4x6)
     # BA now finds and uses this correlator for the dataset.
     assert video.resolve_correlator(cfg).correlator.checkpoint == str(path)
     assert Path(path).parent.name.startswith("davis17-correlator-")

@@ -8,14 +8,18 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from stages.video_metrics import (
+    DAVIS_MAX_PROPOSALS,
     adjusted_rand_index,
     boundary_map,
     davis_boundary_radius,
     davis_jf,
+    davis_proposals,
     fg_ari,
     fg_ari_frames,
     jf_pair_scores,
+    keep_largest_proposals,
     miou_hungarian,
+    with_background_proposal,
 )
 
 
@@ -311,3 +315,85 @@ def test_davis_matching_uses_j_and_f_not_j_alone():
 def test_davis_without_objects_is_nan():
     empty = np.zeros((1, 6, 6), dtype=np.int64)
     assert np.isnan(davis_jf(empty, empty)["JF"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The DAVIS-17 unsupervised protocol: void pixels, at most 20 proposals, every cluster a proposal
+
+
+def void_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One 12x12 frame (boundary radius 1): gt object rows 3-6 cols 3-6 (16 px) with void bands two rows
+    thick above and below it (rows 1-2 and 7-8, cols 2-7: DAVIS marks object borders 255); the prediction
+    covers rows 1-8 cols 3-6 (32 px): right on the object, 16 px over the void bands."""
+    gt = square((12, 12), 3, 3, 7, 7)[None].astype(np.int64)
+    void = np.zeros_like(gt, dtype=bool)
+    void[0, 1:3, 2:8] = void[0, 7:9, 2:8] = True
+    pred = square((12, 12), 1, 3, 9, 7)[None].astype(np.int64)
+    return gt, pred, void
+
+
+def test_void_pixels_do_not_change_j():
+    gt, pred, void = void_case()
+    assert davis_jf(gt, pred)["J"] == pytest.approx(16 / 32)  # counted: the void bands are false positives
+    assert davis_jf(gt, pred, void)["J"] == 1.0  # left out: the prediction is exact where it counts
+    # whatever the prediction does on void pixels, J stays the same
+    scribbled = pred.copy()
+    scribbled[void] = 1 - scribbled[void]
+    assert davis_jf(gt, scribbled, void)["J"] == 1.0
+    j, _, _, _ = jf_pair_scores(gt, scribbled, void)
+    assert j[0, 0, 0] == 1.0
+    # and void takes nothing away from a real miss: a prediction shifted off the object keeps its J
+    shifted = square((12, 12), 3, 5, 7, 9)[None].astype(np.int64)
+    assert davis_jf(gt, shifted, void)["J"] == davis_jf(gt, shifted)["J"] == pytest.approx(8 / 24)
+
+
+def test_void_pixels_are_left_out_of_f_and_miou():
+    gt, pred, void = void_case()
+    # boundaries of the masks less the void pixels: both become the 4x4 square, F = 1; with the void
+    # bands counted, the prediction's top and bottom edges lie two pixels off (radius 1): F < 1
+    assert davis_jf(gt, pred)["F"] < 0.9 and davis_jf(gt, pred, void)["F"] == 1.0
+    assert miou_hungarian(gt, pred)["mean"] == pytest.approx(16 / 32)
+    assert miou_hungarian(gt, pred, void)["mean"] == 1.0
+    with pytest.raises(ValueError, match="void"):
+        davis_jf(gt, pred, void.astype(np.uint8))
+
+
+def test_a_25_proposal_sequence_is_cut_to_the_20_largest():
+    # 25 proposals in a 2-frame 20x20 sequence, proposal k covering k + 2 pixels (rows of a strip), so
+    # the 20 largest are 6..25; the gt object is proposal 3 (too small to stay), then 24 (kept).
+    pred = np.zeros((2, 20, 20), dtype=np.int64)
+    for k in range(1, 26):
+        flat = pred[0].reshape(-1)
+        start = sum(j + 2 for j in range(1, k))
+        flat[start : start + k + 2] = k
+    pred[1] = pred[0]
+    assert len(np.unique(pred)) - 1 == 25
+    cut = keep_largest_proposals(pred, DAVIS_MAX_PROPOSALS)
+    assert DAVIS_MAX_PROPOSALS == 20 and set(np.unique(cut)) == set(range(21))
+    for k in range(1, 6):  # the five smallest became background
+        assert (cut[pred == k] == 0).all()
+    for k in range(6, 26):  # the others keep their pixels, renumbered 1..20 in order
+        assert (cut[pred == k] == k - 5).all()
+    assert davis_proposals(pred, background=False).max() == 20
+    # the same cut in J&F: gt = proposal 3 scores nothing once cut; gt = proposal 24 scores 1
+    assert davis_jf(pred == 3, davis_proposals(pred, background=False))["J"] < 0.5
+    assert davis_jf((pred == 24).astype(np.int64), davis_proposals(pred, background=False))["J"] == 1.0
+    assert keep_largest_proposals(pred, 30) is pred  # 25 <= 30: untouched
+
+
+def test_ties_at_the_cut_keep_the_lower_id():
+    pred = np.array([[[1, 2, 3, 3]]])
+    assert keep_largest_proposals(pred, 2).tolist() == [[[1, 0, 2, 2]]]  # 1 and 2 tie: 1 stays
+
+
+def test_the_background_cluster_is_a_proposal_too():
+    gt = np.zeros((1, 6, 6), dtype=np.int64)
+    gt[0, 1:5, 1:5] = 1
+    # a clustering that calls the object "background" and the border ring an object
+    pred = np.where(gt == 1, 0, 1)
+    assert davis_jf(gt, pred)["J"] == 0.0 and miou_hungarian(gt, pred)["mean"] == 0.0
+    proposals = with_background_proposal(pred)
+    assert set(np.unique(proposals)) == {1, 2} and (proposals[gt == 1] == 2).all()
+    assert davis_jf(gt, proposals)["JF"] == 1.0 and miou_hungarian(gt, proposals)["mean"] == 1.0
+    assert davis_jf(gt, davis_proposals(pred, background=True))["JF"] == 1.0
+    assert fg_ari(gt, proposals) == fg_ari(gt, pred)  # one more cluster id changes no grouping
