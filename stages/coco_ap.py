@@ -30,15 +30,18 @@ def _quiet(fn, *args):
 def evaluate_ap(gt: dict, detections: list[dict], max_dets: int) -> dict[str, dict[str, float]]:
     """AP, AP50, AP75 and AR@max_dets for boxes and masks.
 
-    gt: a COCO instances dict (any categories: mapped to one class). detections: COCO results with
-    image_id, bbox [x, y, w, h], score and, for masks, an RLE 'segmentation' (str or bytes counts).
-    Images of ``gt`` without detections count as misses; mask AP needs every detection to have a mask.
+    gt: COCO ground truth as ``stages.datasets.ground_truth_coco`` returns it (iscrowd, area and bbox on
+    every annotation; any categories: mapped to one class). detections: COCO results with image_id, bbox
+    [x, y, w, h], score and, for masks, an RLE 'segmentation' (str or bytes counts).
+    Images of ``gt`` without detections count as misses; mask AP needs a mask on every detection and on
+    every ground-truth annotation (VOC has boxes only: box AP only).
     """
     coco_gt = COCO()
     coco_gt.dataset = class_agnostic(gt)
     _quiet(coco_gt.createIndex)
     dets = [{**d, "category_id": 1} for d in detections]
-    kinds = ["bbox"] + (["segm"] if all("segmentation" in d for d in dets) else [])
+    masks = all("segmentation" in d for d in dets) and all("segmentation" in a for a in gt["annotations"])
+    kinds = ["bbox"] + (["segm"] if masks else [])
     results = {}
     for kind in kinds:
         if not dets:
