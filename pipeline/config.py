@@ -265,7 +265,7 @@ class TrainConfig:
         "mask_rcnn_vitdet_s14",
     ]
     rounds: int  # round 0 on the pseudo-labels, then rounds - 1 self-training rounds
-    init: str | None  # a DINO ResNet-50 checkpoint (torchvision layout); None = random init with GroupNorm
+    init: str | None  # a DINO ResNet-50 checkpoint (torchvision layout) for the R50 models; None: see model
     schedule: list[str]  # more detectron_configs/<name>.yaml merged last (e.g. tiny_cpu)
     score_thresh: list[float]  # kept predictions per self-training round 1, 2, ...; the last one repeats
     merge_iou: float  # an old mask survives when its max IoU with the kept predictions is below this
