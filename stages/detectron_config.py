@@ -12,9 +12,11 @@ def cutler_cfg() -> CfgNode:
     """detectron2's default config with the CutLER keys added and our ROI heads registered: the base that
     every YAML in ``detectron_configs/`` and every detector directory's config is merged onto."""
     import stages.droploss  # noqa: F401  (registers the ROI heads the YAML files name)
+    from stages.vitdet import add_vitdet_config  # importing it registers the ViTDet backbone
 
     cfg = get_cfg()
     add_cutler_config(cfg)
+    add_vitdet_config(cfg)
     return cfg
 
 

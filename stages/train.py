@@ -33,11 +33,14 @@ def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weight
     """The full detectron2 config of one round: model file, self-training overlay (rounds >= 1), schedule
     files, ``train.opts``; then what only the pipeline knows (device, weights, norm, output dir)."""
     from stages.detectron_config import cutler_cfg
+    from stages.vitdet import is_vitdet
 
     cfg = cutler_cfg()
     cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{train.model}.yaml"))
     if round_index >= 1:
         cfg.merge_from_file(str(DETECTRON_CONFIGS / "selftrain.yaml"))
+        if is_vitdet(cfg):  # selftrain.yaml's lr and weight decay are SGD values
+            cfg.merge_from_file(str(DETECTRON_CONFIGS / "selftrain_vitdet.yaml"))
     for name in train.schedule:
         cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{name}.yaml"))
     cfg.merge_from_list(list(train.opts))
@@ -155,6 +158,14 @@ def build_trainer(cfg):
         @classmethod
         def build_train_loader(cls, cfg):
             return train_loader(cfg)
+
+        @classmethod
+        def build_optimizer(cls, cfg, model):
+            if cfg.SOLVER.OPTIMIZER == "SGD":
+                return super().build_optimizer(cfg, model)
+            from stages.vitdet import build_optimizer  # AdamW with ViTDet's layer-wise lr decay
+
+            return build_optimizer(cfg, model)
 
         def build_hooks(self):
             # detectron2's PreciseBN hook (with BatchNorm layers only) reads build_train_loader, which
