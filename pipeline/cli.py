@@ -7,40 +7,40 @@ import sys
 import traceback
 from pathlib import Path
 
-from pipeline.config import CONFIG_DIR, ConfigError, available, load_config
+from pipeline.config import ConfigError, available, load_config, load_run_config
 
 # User-facing failures: printed as one clear line, no traceback.
 from pipeline.runs import RunError
-from stages.backbone import WeightsError
-from stages.datasets import DatasetError
-from stages.export import CocoError
-from stages.train import TrainingError
+from stages.common.export import CocoError
+from stages.common.paths import REPO_ROOT
+from stages.data.datasets import DatasetError
+from stages.detection.train import TrainingError
+from stages.features.backbone import WeightsError
 
 USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError, TrainingError)
-REPO_ROOT = CONFIG_DIR.parent
 
 
-def _pseudolabels(cfg) -> None:
+def _pseudolabels(cfg, args) -> None:
     from pipeline.pseudolabels import run
 
     print(run(cfg))
 
 
-def _eval_corloc(cfg) -> None:
+def _eval_corloc(cfg, args) -> None:
     from pipeline.evaluate import eval_corloc
 
-    eval_corloc(cfg)
+    eval_corloc(cfg, args.run)
 
 
-def _eval(cfg, model: str | None) -> None:
+def _eval(cfg, args) -> None:
     from pipeline.evaluate import evaluate_detector, format_detector_metrics
 
-    if model:
-        print(format_detector_metrics(evaluate_detector(Path(model), cfg)))
-    elif cfg.method.name == "ba":
-        from pipeline.video import evaluate
+    if args.model:
+        print(format_detector_metrics(evaluate_detector(Path(args.model), cfg)))
+    elif cfg.modality == "video":
+        from pipeline.evaluate import evaluate_video
 
-        evaluate(cfg)
+        evaluate_video(cfg, args.run)
     else:
         raise RunError(
             "give the detector directory to evaluate (make eval MODEL=runs/selftrain/.../round2), use "
@@ -48,13 +48,13 @@ def _eval(cfg, model: str | None) -> None:
         )
 
 
-def _train_correlator(cfg) -> None:
-    from pipeline.video import train_correlator
+def _train_correlator(cfg, args) -> None:
+    from pipeline.train_correlator import train_correlator
 
     print(train_correlator(cfg))
 
 
-def _selftrain(cfg) -> None:
+def _selftrain(cfg, args) -> None:
     from pipeline.selftrain import run
 
     print(run(cfg))
@@ -86,6 +86,14 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--preset", default=None, help=f"one of {available('presets')}")
         if name == "eval":
             s.add_argument("--model", default=None, help="a detector directory (runs/selftrain/.../roundN)")
+        if name in ("eval", "eval-corloc"):
+            s.add_argument(
+                "--run",
+                default=None,
+                type=Path,
+                help="a pseudo-label run directory (runs/pseudolabels/...): its saved config is used, "
+                "--dataset, --method and --preset are ignored",
+            )
         s.add_argument(
             "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.workers=2"
         )
@@ -134,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     with the traceback only under --debug."""
     args = parser().parse_args(argv)
     try:
-        cfg = load_config(args.dataset, args.method, args.overrides, args.preset)
-        command = COMMANDS[args.command][0]
-        command(cfg, args.model) if args.command == "eval" else command(cfg)
+        if getattr(args, "run", None) is not None:
+            cfg = load_run_config(args.run, args.overrides)
+        else:
+            cfg = load_config(args.dataset, args.method, args.overrides, args.preset)
+        COMMANDS[args.command][0](cfg, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,10 +9,10 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.driver import ShardedStage, ShardOutput, iter_shards, run_stage
 from pipeline.runs import shard_records
-from stages import detector as det
-from stages.backbone import resolve_device
-from stages.datasets import ImageRecord
-from stages.export import validate_shard
+from stages import detect as det
+from stages.common.export import validate_shard
+from stages.data.datasets import ImageRecord
+from stages.features.backbone import resolve_device
 
 
 def make_detection_worker(d2cfg, device: str, max_dets: int):

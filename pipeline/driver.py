@@ -15,8 +15,10 @@ that still fails, or whose worker raises, is reported by name; the other shards 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections import deque
@@ -30,13 +32,14 @@ from tqdm import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.runs import RunError, write_jsonl
-from stages.backbone import resolve_device
-from stages.export import CocoError, CocoWriter
-from stages.io import atomic_write_bytes, atomic_write_json, read_json
+from stages.common.export import CocoError, CocoWriter
+from stages.common.io import atomic_write_bytes, atomic_write_json, read_json
+from stages.features.backbone import resolve_device
 
 # Shard files carry this format number; files without it (written before shards were validated when
 # written) are validated when merged.
 SHARD_FORMAT = 2
+_VERSION_KEY = re.compile(r'^\{"format": \d+, "version": ("(?:[^"\\]|\\.)*")')
 
 # Test-only hooks (deterministic kill points; never set in normal use):
 # the driver kills itself (SIGKILL) right after writing the N-th shard file of a stage;
@@ -79,6 +82,9 @@ class ShardedStage:
     check: Callable[[dict], None] = _accept  # validates a shard's data before it is written (ValueError)
     size: Callable[[Any], int] = _one  # progress units of an item (a video counts its frames)
     item_name: Callable[[Any], str] = str  # how an item is named in error messages
+    # The code version that writes this stage's shards (e.g. 'maskcut v1', from the method's ``version``):
+    # recorded in each shard file; a finished shard of another version is computed again.
+    version: str = ""
 
     def shard_file(self, index: int) -> Path:
         # Indexes above 99,999 simply get more digits: names stay unique. Shards are always read by index,
@@ -92,11 +98,26 @@ class ShardedStage:
         return f"shard-{index:05d} ({len(items)} {'item' if len(items) == 1 else 'items'}{first})"
 
     def todo(self) -> list[int]:
-        return [i for i in range(len(self.shards)) if not self.shard_file(i).exists()]
+        """Shards to compute: those without a shard file, and those written by another code version."""
+        return [i for i in range(len(self.shards)) if not self.done(i)]
+
+    def done(self, index: int) -> bool:
+        path = self.shard_file(index)
+        return path.exists() and self.written_by(path) == self.version
+
+    @staticmethod
+    def written_by(path: Path) -> str:
+        """The code version a shard file records ('' when none). Read from the file's first bytes: the
+        driver writes it second, after the format."""
+        with open(path, "rb") as f:
+            head = f.read(256).decode("utf-8", "replace")
+        found = _VERSION_KEY.search(head)
+        return json.loads(found.group(1)) if found else ""
 
     def read(self, index: int) -> dict:
         """A finished shard's data; shards from before SHARD_FORMAT are validated here."""
         data = read_json(self.shard_file(index))
+        data.pop("version", None)
         if data.pop("format", None) != SHARD_FORMAT:
             try:
                 self.check(data)
@@ -172,9 +193,18 @@ def run_stage(stage: ShardedStage, run: RunConfig, device: str) -> ShardReport:
     """Run every unfinished shard of ``stage`` on the Ray cluster and worker count that ``run`` asks for,
     with one GPU per actor when ``device`` resolves to CUDA. When every shard is done already, Ray is not
     even started. Raises RunError naming every shard that failed (the finished ones are kept)."""
-    if not stage.todo():
+    todo = stage.todo()
+    if not todo:
         print(f"{stage.name}: all {len(stage.shards)} shards already done", file=sys.stderr)
         return ShardReport()
+    stale = [i for i in todo if stage.shard_file(i).exists()]
+    if stale:
+        print(
+            f"{stage.name}: {len(stale)} finished shards were written by another version of the code "
+            f"({stage.written_by(stage.shard_file(stale[0])) or 'unversioned'}, now "
+            f"{stage.version or 'unversioned'}): computing them again",
+            file=sys.stderr,
+        )
     use_gpu = resolve_device(device).type == "cuda"
     ensure_ray(run.ray_address, run.object_store_mb)
     workers = run.workers or default_workers(run.threads_per_worker, use_gpu)
@@ -304,7 +334,7 @@ def _write_shard(stage: ShardedStage, index: int, out: ShardOutput) -> None:
         if stage.files_dir is None or relative.is_absolute() or ".." in relative.parts:
             raise ValueError(f"a worker sent the file '{name}', which this stage does not write")
         atomic_write_bytes(stage.files_dir / relative, data)
-    atomic_write_json(stage.shard_file(index), {"format": SHARD_FORMAT, **out.data})
+    atomic_write_json(stage.shard_file(index), {"format": SHARD_FORMAT, "version": stage.version, **out.data})
 
 
 def _driver_exit_for_test(written: int) -> None:

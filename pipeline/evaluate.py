@@ -9,12 +9,22 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.detect import detections_for_ap, predict
-from pipeline.pseudolabels import OUTPUT
-from pipeline.runs import RunDir, RunError, resolve_backbone
-from stages.coco_ap import evaluate_ap
-from stages.corloc import corloc
-from stages.datasets import coco_boxes, ground_truth_boxes, ground_truth_coco, list_images
-from stages.io import atomic_write_json, read_json
+from pipeline.pseudolabels import OUTPUT, TRACKS
+from pipeline.resolve import resolve
+from pipeline.runs import RunDir, RunError
+from stages.common import rle
+from stages.common.io import atomic_write_json, read_json
+from stages.data.datasets import coco_boxes, ground_truth_boxes, ground_truth_coco, list_images
+from stages.data.videos import check_video_ground_truth, list_videos, video_truth
+from stages.evaluation.coco_ap import evaluate_ap
+from stages.evaluation.corloc import corloc
+from stages.evaluation.video_metrics import (
+    davis_jf,
+    davis_proposals,
+    fg_ari,
+    miou_hungarian,
+    with_background_proposal,
+)
 
 
 def first_boxes(pseudolabels: dict) -> dict[str, np.ndarray | None]:
@@ -27,16 +37,27 @@ def first_boxes(pseudolabels: dict) -> dict[str, np.ndarray | None]:
     return out
 
 
-def eval_corloc(cfg: Config) -> dict:
-    """CorLoc of the pseudo-label run of ``cfg`` against its dataset's ground truth; saved as corloc.json."""
-    cfg = resolve_backbone(cfg)
-    run_dir = RunDir.for_config(cfg, "pseudolabels")
-    path = run_dir.path / OUTPUT
+def pseudolabel_run(cfg: Config, run_dir: Path | None) -> Path:
+    """The pseudo-label run directory to evaluate: ``run_dir`` when given (``--run``/``RUN=``), else the
+    one ``cfg`` shapes."""
+    return Path(run_dir) if run_dir is not None else RunDir.for_config(resolve(cfg), "pseudolabels").path
+
+
+def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
+    """CorLoc of a pseudo-label run against its dataset's ground truth; saved as corloc.json in the run.
+    The run is ``run_dir`` (its saved config is then ``cfg``, see ``load_run_config``) or the one of
+    ``cfg``'s settings."""
+    cfg = resolve(cfg)
+    run_path = pseudolabel_run(cfg, run_dir)
+    path = run_path / OUTPUT
     if not path.exists():
-        raise RunError(f"no pseudo-labels at {path}: run `make pseudolabels` with the same settings first")
+        raise RunError(
+            f"no pseudo-labels at {path}: run `make pseudolabels` with the same settings first, or give "
+            "the run directory (RUN=runs/pseudolabels/...)"
+        )
     result = corloc(first_boxes(read_json(path)), ground_truth_boxes(cfg.dataset))
     result = {"dataset": cfg.dataset.name, "method": cfg.method.name, "backbone": cfg.backbone.arch, **result}
-    atomic_write_json(run_dir.path / "corloc.json", result)
+    atomic_write_json(run_path / "corloc.json", result)
     print(
         f"CorLoc {cfg.method.name} ({cfg.backbone.arch}) on {cfg.dataset.name}: "
         f"{100 * result['corloc']:.1f}% ({result['hits']}/{result['images']} images)",
@@ -83,3 +104,70 @@ def format_detector_metrics(metrics: dict) -> str:
     c = metrics["corloc"]
     lines.append(f"CorLoc (top-1 box) {100 * c['corloc']:.1f}% ({c['hits']}/{c['images']})")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Videos
+
+
+def predicted_ids(tracks: dict, video_id: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """(T, H, W) predicted track ids of one video from ytvis.json (later tracks win on overlap)."""
+    ids = np.zeros(shape, np.int64)
+    for k, track in enumerate((a for a in tracks["annotations"] if a["video_id"] == video_id), start=1):
+        for t, seg in enumerate(track["segmentations"]):
+            if seg is not None:
+                ids[t][rle.decode(seg)] = k
+    return ids
+
+
+def evaluate_video(cfg: Config, run_dir: Path | None = None) -> dict:
+    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a BA run against ground truth.
+
+    Proposals, as the BA code evaluates them: every cluster, the background one too (the complement of the
+    tracks; pseudo-labels leave it out). J&F follows davis2017-evaluation's unsupervised protocol: at most
+    20 proposals per sequence (the 20 largest are kept) and void pixels left out of J and F (and of mIoU).
+    FG-ARI is unchanged by the background proposal (predicted background already is one cluster there).
+    The run is ``run_dir`` when given, else the one of ``cfg``'s settings.
+    """
+    cfg = resolve(cfg)
+    run_path = pseudolabel_run(cfg, run_dir)
+    if not (run_path / TRACKS).exists():
+        raise RunError(
+            f"no {cfg.method.name} tracks at {run_path}: run `make pseudolabels "
+            f"METHOD={cfg.method.name}` with the same settings, or give its run directory (RUN=)"
+        )
+    tracks = read_json(run_path / TRACKS)
+    videos = list_videos(cfg.dataset)
+    check_video_ground_truth(cfg.dataset, videos)  # every video's, before any is scored
+    per_video, js, fs, ious = {}, [], [], []
+    for video in videos:
+        gt, void = video_truth(cfg.dataset, video)
+        pred = predicted_ids(tracks, video.id, gt.shape)
+        jf = davis_jf(gt, davis_proposals(pred, background=True), void)
+        miou = miou_hungarian(gt, with_background_proposal(pred), void)
+        js += [o["J"] for o in jf["per_object"].values()]
+        fs += [o["F"] for o in jf["per_object"].values()]
+        ious += list(miou["per_object"].values())
+        per_video[video.name] = {
+            "J&F": jf["JF"],
+            "J": jf["J"],
+            "F": jf["F"],
+            "FG-ARI": fg_ari(gt, pred),
+            "mIoU": miou["mean"],
+        }
+    j, f = float(np.mean(js)), float(np.mean(fs))
+    result = {
+        "J&F": (j + f) / 2,
+        "J": j,
+        "F": f,
+        "FG-ARI": float(np.nanmean([v["FG-ARI"] for v in per_video.values()])),
+        "mIoU": float(np.mean(ious)),
+        "videos": per_video,
+    }
+    atomic_write_json(run_path / "metrics.json", result)
+    print(
+        f"BA on {cfg.dataset.name}: J&F {100 * result['J&F']:.1f} (J {100 * j:.1f}, F {100 * f:.1f}), "
+        f"FG-ARI {100 * result['FG-ARI']:.1f}, mIoU {100 * result['mIoU']:.1f}",
+        file=sys.stderr,
+    )
+    return result

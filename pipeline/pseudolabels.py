@@ -1,4 +1,5 @@
-"""The image pseudo-label run: list images, run discovery shards on Ray, merge into one COCO file."""
+"""The pseudo-label stage: list the dataset's items, run the configured method over shards of them on Ray
+(``pipeline/driver.py``), merge into one COCO file (and, for videos, YouTube-VIS tracks)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,29 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import BackboneConfig, Config, MethodConfig, RefineConfig
-from pipeline.driver import ShardedStage, ShardOutput, merge_coco, run_stage
-from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, shard_records
-from stages.datasets import ImageRecord, image_listing
-from stages.discover import Discoverer, run_shard
-from stages.export import validate_shard
-from stages.io import atomic_write_json
+from pipeline.config import METHODS, Config, MethodConfig
+from pipeline.driver import ShardedStage, ShardOutput, iter_shards, merge_coco, run_stage
+from pipeline.resolve import method_sections, resolve
+from pipeline.runs import RunDir, RunError, load_backbone, shard_records, write_jsonl
+from stages.common import rle
+from stages.common.export import FOREGROUND, CocoWriter, validate_shard
+from stages.common.io import JsonListsWriter, atomic_write_json
+from stages.data.datasets import ImageRecord, image_listing
+from stages.data.videos import frame_records, list_videos
+from stages.features.backbone import BackboneConfig
+from stages.pseudolabels import Discoverer, run_shard, run_video, validate_video_shard
+from stages.refinement.refine import RefineConfig
 
 OUTPUT = "pseudolabels.json"
 OVERLAYS = "overlays"
+TRACKS = "ytvis.json"  # videos, YouTube-VIS style: one annotation per track, a segmentation per frame
+
+
+def code_version(cfg: Config) -> str:
+    """The version of the code that shapes this run's shards: its method's (``DiscoveryMethod.version``)."""
+    return f"{cfg.method.name} v{METHODS.get(cfg.method.name).version}"
 
 
 def make_worker(
@@ -29,7 +42,7 @@ def make_worker(
 ):
     """Built inside each Ray actor: loads the backbone once, then runs shards. It gets no output path: its
     results (shard data, overlay PNGs) go back to the driver."""
-    discoverer = Discoverer(load_backbone(backbone, seed), method, refine, max_patches)
+    discoverer = Discoverer.from_config(load_backbone(backbone, seed), method, refine, max_patches)
 
     def work(index: int, records: list[ImageRecord]) -> ShardOutput:
         start = time.perf_counter()
@@ -54,16 +67,15 @@ def image_stage(cfg: Config, run_dir: RunDir, records: list[ImageRecord]) -> Sha
         files_dir=run_dir.path,
         check=validate_shard,
         item_name=lambda r: r.file_name,
+        version=code_version(cfg),
     )
 
 
 def run(cfg: Config) -> Path:
     """Produce (or finish) the pseudo-label file of ``cfg``; returns its path. Finished shards are kept."""
-    if cfg.method.name == "ba":  # video discovery: tracks per video, also written as per-frame COCO
-        from pipeline import video
-
-        return video.run(cfg)
-    cfg = resolve_backbone(cfg)
+    if cfg.modality == "video":  # tracks per video, also written as per-frame COCO
+        return run_videos(cfg)
+    cfg = resolve(cfg)
     listing = image_listing(cfg.dataset)
     records = listing.records
     if not records:
@@ -97,3 +109,142 @@ def merge(stage: ShardedStage, run_dir: RunDir, seconds: float, skipped: list[di
     for f in failures[:10]:
         print(f"  {f['file_name']}: {f['reason']}", file=sys.stderr)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Videos
+
+
+def make_video_worker(
+    backbone_cfg: BackboneConfig,
+    seed: int,
+    method: Any,
+    sections: dict[str, Any],
+    overlay_ids: frozenset[int],
+):
+    """Built inside each Ray actor: the backbone and the video method (with what it loads, e.g. BA's
+    correlator) once. It gets no output path: its results (tracks, overlay GIFs) go back to the driver."""
+    backbone = load_backbone(backbone_cfg, seed)
+    video_method = METHODS.get(method.name).from_config(method, backbone, sections, backbone_cfg.batch_size)
+
+    def work(index: int, videos: list) -> ShardOutput:
+        (video,) = videos
+        start = time.perf_counter()
+        data, gif = run_video(video_method, video, video.id in overlay_ids)
+        files = {f"overlays/{video.name}.gif": gif} if gif is not None else {}
+        return ShardOutput(data, files, {"frames": len(video.frames), "seconds": time.perf_counter() - start})
+
+    return work
+
+
+def run_videos(cfg: Config) -> Path:
+    """Tracks of the configured video method for every video (one video per shard, resumable), merged into
+    ytvis.json and a per-frame COCO pseudolabels.json; returns the latter."""
+    cfg = resolve(cfg)
+    videos = list_videos(cfg.dataset)
+    run_dir = RunDir.for_config(cfg, "pseudolabels")
+    frames = frame_records(cfg.dataset)
+    run_dir.start(cfg, frames)
+    sections = method_sections(cfg)
+    about = METHODS.get(cfg.method.name).describe(sections)
+    print(
+        f"{cfg.method.name} on {cfg.dataset.name}: {len(videos)} videos{about} -> {run_dir.path}",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    overlay_ids = frozenset(v.id for v in videos[: cfg.run.overlays])
+    stage = ShardedStage(
+        name=cfg.method.name,
+        shards=[[v] for v in videos],
+        factory=functools.partial(
+            make_video_worker, cfg.backbone, cfg.seed, cfg.method, sections, overlay_ids
+        ),
+        shard_dir=run_dir.shards,
+        files_dir=run_dir.path,
+        check=validate_video_shard,
+        size=lambda v: len(v.frames),
+        item_name=lambda v: f"video {v.name}",
+        version=code_version(cfg),
+    )
+    run_stage(stage, cfg.run, cfg.backbone.device)
+    return merge_videos(stage, run_dir, {r.file_name: r.id for r in frames}, time.perf_counter() - start)
+
+
+def merge_videos(stage: ShardedStage, run_dir: RunDir, frame_ids: dict[str, int], seconds: float) -> Path:
+    """Stream the video shards into ytvis.json (a track per annotation, a segmentation per frame) and a
+    per-frame COCO pseudolabels.json (frames as images), plus failures.jsonl and summary.json; memory
+    holds one video at a time."""
+    out = run_dir.path / OUTPUT
+    failures = []
+    with CocoWriter(out) as coco, JsonListsWriter(run_dir.path / TRACKS, ("videos", "annotations")) as ytvis:
+        for shard in iter_shards(stage):
+            failures += shard["failures"]
+            video = shard["video"]
+            if video is None:
+                continue
+            ytvis.add("videos", [{k: video[k] for k in ("id", "file_names", "width", "height", "name")}])
+            images = [
+                {
+                    "id": frame_ids[name],
+                    "file_name": name,
+                    "width": video["width"],
+                    "height": video["height"],
+                    "video_id": video["id"],
+                }
+                for name in video["file_names"]
+            ]
+            tracks, annotations = [], []
+            for track in shard["tracks"]:
+                track_id = ytvis.counts["annotations"] + len(tracks) + 1
+                tracks.append(
+                    {
+                        "id": track_id,
+                        "video_id": video["id"],
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "segmentations": track["segmentations"],
+                    }
+                )
+                for name, seg in zip(video["file_names"], track["segmentations"], strict=True):
+                    if seg is not None:
+                        annotations.append((seg, frame_ids[name], video["id"], track_id))
+            coco.add(images, _frame_annotations(annotations))
+            ytvis.add("annotations", tracks)
+        coco.commit()
+        ytvis.commit({"categories": [FOREGROUND]})
+        n_videos, n_tracks, n_masks = ytvis.counts["videos"], ytvis.counts["annotations"], coco.n_annotations
+    write_jsonl(run_dir.path / "failures.jsonl", failures)
+    summary = {
+        "videos": n_videos + len(failures),
+        "failed": len(failures),
+        "tracks": n_tracks,
+        "frame_masks": n_masks,
+        "seconds": round(seconds, 2),
+    }
+    atomic_write_json(run_dir.path / "summary.json", summary)
+    print(
+        f"{summary['videos']} videos: {summary['tracks']} tracks, {summary['failed']} failed -> {out}",
+        file=sys.stderr,
+    )
+    return out
+
+
+def _frame_annotations(masks: list[tuple[dict, int, int, int]]) -> list[dict]:
+    """Per-frame COCO annotations of (RLE, image id, video id, track id) tuples, areas and boxes from the
+    RLEs."""
+    segs = [seg for seg, *_ in masks]
+    return [
+        {
+            "image_id": image_id,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": seg,
+            "area": int(area),
+            "bbox": [float(v) for v in box],
+            "video_id": video_id,
+            "track_id": track_id,
+        }
+        for (seg, image_id, video_id, track_id), area, box in zip(
+            masks, rle.area(segs), rle.to_bbox(segs), strict=True
+        )
+    ]

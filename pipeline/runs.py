@@ -8,10 +8,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import BackboneConfig, Config, replace, save_config
-from stages.backbone import ARCHS, Backbone, WeightsError, find_weights, missing_weights_message
-from stages.datasets import ImageRecord, resolve
-from stages.io import atomic_write_json, read_json
+from pipeline.config import Config, replace, save_config
+from stages.common.io import atomic_write_json, read_json
+from stages.common.paths import resolve
+from stages.data.base import ImageRecord
+from stages.features.backbone import (
+    ARCHS,
+    Backbone,
+    BackboneConfig,
+    WeightsError,
+    find_weights,
+    missing_weights_message,
+)
 
 # The config sections that shape each stage's outputs: image labels, video (BA) labels, the detector
 # trained on either, and BA's correlator.
@@ -20,7 +28,7 @@ VIDEO_LABELS = ("seed", "dataset", "backbone", "method", "correlator")
 
 
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
-    labels = VIDEO_LABELS if cfg.method.name == "ba" else IMAGE_LABELS
+    labels = VIDEO_LABELS if cfg.modality == "video" else IMAGE_LABELS
     return {
         "pseudolabels": labels,
         "selftrain": (*labels, "train"),
@@ -114,6 +122,6 @@ def shard_records(records: list[ImageRecord], size: int) -> list[list[ImageRecor
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    from stages.io import atomic_write_text
+    from stages.common.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -2,7 +2,7 @@
 training images with the previous round's detector, merges the labels and trains on from its weights.
 
 runs/selftrain/<dataset>-<method>-<hash>/round<r>/ is both the round's run directory and a self-contained
-detector directory (stages/detector.py). A round with a summary.json is finished and never retrained; an
+detector directory (stages/detect.py). A round with a summary.json is finished and never retrained; an
 interrupted round resumes from detectron2's last checkpoint.
 """
 
@@ -20,20 +20,22 @@ from pipeline import pseudolabels
 from pipeline.config import Config, replace, save_config
 from pipeline.detect import predict
 from pipeline.evaluate import evaluate_detector
-from pipeline.runs import RunDir, RunError, resolve_backbone
-from stages import detector as det
-from stages import train
-from stages.backbone import (
+from pipeline.resolve import resolve
+from pipeline.runs import RunDir, RunError
+from stages import detect as det
+from stages.common.export import coco_file, write_coco
+from stages.common.io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from stages.common.paths import resolve as resolve_path
+from stages.data.datasets import ground_truth_coco, list_images
+from stages.detection import train
+from stages.detection.relabel import merge_labels
+from stages.features.backbone import (
     find_weights,
     missing_weights_message,
     read_checkpoint,
     resolve_device,
     to_timm_keys,
 )
-from stages.datasets import ground_truth_coco, list_images, resolve
-from stages.export import coco_file, write_coco
-from stages.io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from stages.relabel import merge_labels
 
 LABELS = "labels.json"
 SUMMARY = "summary.json"
@@ -88,7 +90,7 @@ def train_round(cfg: Config, r: int, round_dir: Path, weights: str, dataset_name
     d2cfg.SEED = cfg.seed  # detectron2's default (-1) draws a new seed every run: rounds would not repeat
     atomic_write_text(round_dir / det.CONFIG, d2cfg.dump())
     gpus = cfg.train.num_gpus or (torch.cuda.device_count() if device == "cuda" else 0)
-    args = (d2cfg, dataset_name, round_dir / LABELS, str(resolve(cfg.dataset.root)))
+    args = (d2cfg, dataset_name, round_dir / LABELS, str(resolve_path(cfg.dataset.root)))
     if gpus > 1:
         launch(_train_main, gpus, dist_url="auto", args=args)
     else:
@@ -114,7 +116,7 @@ AUTO_RESNET = "cascade_mask_rcnn_R_50_FPN"
 
 def is_vitdet_model(cfg: Config) -> bool:
     """Whether ``cfg.train.model`` (resolved) builds the ViTDet backbone."""
-    from stages.vitdet import is_vitdet
+    from stages.detection.vitdet import is_vitdet
 
     return is_vitdet(train.detectron_cfg(cfg.train, 0, Path("."), "", "cpu"))
 
@@ -163,7 +165,7 @@ def initial_weights(cfg: Config, round_dir: Path) -> str:
         return _vitdet_weights(cfg, round_dir)
     if not cfg.train.init:
         return ""
-    source = resolve(cfg.train.init)
+    source = resolve_path(cfg.train.init)
     if not source.is_file():
         raise RunError(f"config key 'train.init': no such file '{source}'")
     target = round_dir / "init_resnet50_d2.pth"
@@ -175,7 +177,7 @@ def initial_weights(cfg: Config, round_dir: Path) -> str:
 
 
 def _vitdet_weights(cfg: Config, round_dir: Path) -> str:
-    from stages.vitdet import ConversionError, dinov2_to_vitdet
+    from stages.detection.vitdet import ConversionError, dinov2_to_vitdet
 
     target = round_dir / "init_vitdet_dinov2_d2.pth"
     if not target.exists():
@@ -193,13 +195,9 @@ def _vitdet_weights(cfg: Config, round_dir: Path) -> str:
 
 def run(cfg: Config) -> Path:
     """Train every round of ``cfg.train.rounds`` that is not finished; returns the last round's directory."""
-    cfg = resolve_backbone(cfg)
+    cfg = resolve(cfg)  # BA's correlator in use is part of what the rounds were trained on
     cfg, detector = resolve_detector(cfg)
     print(f"detector: {detector}", file=sys.stderr)
-    if cfg.method.name == "ba":  # the correlator in use is part of what the rounds were trained on
-        from pipeline.video import resolve_correlator
-
-        cfg = resolve_correlator(cfg)
     check_train_config(cfg)
     # Ground truth (where there is some) is checked now: a malformed file would otherwise stop the run at
     # the first round's evaluation, after its training.
@@ -210,7 +208,7 @@ def run(cfg: Config) -> Path:
     root = RunDir.for_config(cfg, "selftrain").path
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root / "config.yaml")
-    image_root = str(resolve(cfg.dataset.root))
+    image_root = str(resolve_path(cfg.dataset.root))
     for r in range(cfg.train.rounds):
         round_dir = root / f"round{r}"
         if (round_dir / SUMMARY).exists():

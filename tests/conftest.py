@@ -1,6 +1,9 @@
 import os
+from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -13,8 +16,11 @@ def ray_local():
 
     # address="local": a new instance even when another Ray was started with `ray start` on this machine
     # (ray.init() would attach to it through /tmp/ray/ray_current_cluster).
+    # Workers import what the tests define (a method registered in a test module travels by reference).
+    path = os.pathsep.join(p for p in (str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         address="local",
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
         num_cpus=2,
         object_store_memory=80 * 2**20,
         include_dashboard=False,

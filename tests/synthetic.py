@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.bench_ncut import planted_keys as bench_planted_keys
+from tools.bench_ncut import planted_keys as bench_planted_keys
 
 Box = tuple[int, int, int, int]  # y0, x0, y1, x1 on the patch grid (end exclusive)
 
@@ -251,8 +251,8 @@ def train_planted_solv(steps: int = 1100, seed: int = 0):
     with the paper's loss on planted-object feature maps (two boxes, features drawn from a palette of 4
     on a background) until its slots separate them: about 1000 steps, ~30 s of one CPU core. Returns
     (model in eval mode, palette (5, 16), row 0 the background)."""
-    from stages.solv import SOLV, SOLVConfig
-    from stages.solv_train import FeatureBatch, SOLVTrainConfig, train_solv
+    from stages.video.solv import SOLV, SOLVConfig
+    from stages.video.solv_train import FeatureBatch, SOLVTrainConfig, train_solv
 
     grid, dim = (6, 6), 16
     gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""BA clustering of attention rows (stages/ba_cluster.py) on attention the tests make."""
+"""BA clustering of attention rows (stages/video/ba_cluster.py) on attention the tests make."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from stages.ba_cluster import (
+from stages.video.ba_cluster import (
     background_cluster,
     cluster_attention,
     first_appearance_labels,

@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from stages.backbone import ARCHS, Backbone, WeightsError, find_weights, input_size, prepare_image
+from stages.features.backbone import ARCHS, Backbone, WeightsError, find_weights, input_size, prepare_image
 
 ARCH = "test_vit_tiny"
 

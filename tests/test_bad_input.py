@@ -13,12 +13,13 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline import cli
-from pipeline.config import DatasetConfig, load_config
-from stages.coco_ap import evaluate_ap, ground_truth_as_detections
-from stages.corloc import corloc
-from stages.datasets import DatasetError, ground_truth_boxes, ground_truth_coco, list_images, scan_folder
-from stages.io import atomic_write_text
-from stages.videos import check_video_ground_truth, list_videos, video_ground_truth
+from pipeline.config import load_config
+from stages.common.io import atomic_write_text
+from stages.data.base import DatasetConfig
+from stages.data.datasets import DatasetError, ground_truth_boxes, ground_truth_coco, list_images, scan_folder
+from stages.data.videos import check_video_ground_truth, list_videos, video_ground_truth
+from stages.evaluation.coco_ap import evaluate_ap, ground_truth_as_detections
+from stages.evaluation.corloc import corloc
 from tests.synthetic import object_image, write_davis_videos, write_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -346,10 +347,10 @@ def test_exif_rotated_voc_image_agrees_everywhere(tmp_path):
     from detectron2.data import DatasetCatalog
 
     from pipeline.pseudolabels import run
-    from stages import train
-    from stages.detectron_config import cutler_cfg
-    from stages.detectron_data import ImageMapper
-    from stages.io import load_rgb
+    from stages.common.io import load_rgb
+    from stages.detection import train
+    from stages.detection.detectron_config import cutler_cfg
+    from stages.detection.detectron_data import ImageMapper
 
     cfg = voc(tmp_path, ids=("000001", "000002"))
     jpegs = Path(cfg.root) / "JPEGImages"
@@ -401,7 +402,7 @@ def test_duplicate_ids_stop_the_run_before_any_work(tmp_path, capsys):
     assert not out.exists()  # nothing was started
 
 
-def raising_command(cfg):
+def raising_command(cfg, args):
     record = {"file_name": "a.jpg"}
     return record["iscrowd"]  # a library's KeyError, as pycocotools raised it
 
@@ -419,7 +420,7 @@ def test_unexpected_errors_are_one_line_and_tracebacks_need_debug(monkeypatch, c
 
 
 def test_errors_from_libraries_name_their_file(tmp_path, monkeypatch, capsys):
-    def missing_file(cfg):
+    def missing_file(cfg, args):
         Image.open(tmp_path / "gone.png")
 
     monkeypatch.setitem(cli.COMMANDS, "eval-corloc", (missing_file, "test"))

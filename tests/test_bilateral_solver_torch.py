@@ -1,4 +1,5 @@
-"""The torch fast bilateral solver (stages/bilateral_solver_torch.py) against the scipy reference."""
+"""The torch fast bilateral solver (stages/refinement/bilateral_solver_torch.py) against the scipy
+reference."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import BilateralConfig, RefineConfig, load_config
-from stages.bilateral_solver import bilateral_solve as reference_solve
-from stages.bilateral_solver_torch import bilateral_refine, bilateral_solve
-from stages.refine import bilateral_refine as reference_refine
-from stages.refine import mask_iou, refine_mask
+from pipeline.config import load_config
+from stages.refinement.bilateral_solver import BilateralConfig
+from stages.refinement.bilateral_solver import bilateral_solve as reference_solve
+from stages.refinement.bilateral_solver_torch import bilateral_refine, bilateral_solve
+from stages.refinement.refine import RefineConfig, mask_iou, refine_mask
+from stages.refinement.refine import bilateral_refine as reference_refine
 from tests.synthetic import blocky, textured_scene
 
 # The reference's RGB -> YUV in millionths, exact in integers.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from stages.coco_ap import evaluate_ap, ground_truth_as_detections
-from stages.export import mask_annotation
+from stages.common.export import mask_annotation
+from stages.evaluation.coco_ap import evaluate_ap, ground_truth_as_detections
 from tests.optional import require
 
 

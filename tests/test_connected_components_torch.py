@@ -1,5 +1,6 @@
-"""Hole filling and largest component in torch (stages/connected_components_torch.py) against scipy, which
-the reference refinement uses; the on-device path (label propagation) is checked on the CPU here."""
+"""Hole filling and largest component in torch (stages/refinement/connected_components_torch.py) against
+scipy, which the reference refinement uses; the on-device path (label propagation) is checked on the CPU
+here."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from stages.connected_components_torch import (
+from stages.refinement.connected_components_torch import (
     _fill_holes_on_device,
     _largest_component_on_device,
     fill_holes,
     label_components,
     largest_component,
 )
-from stages.refine import largest_component as reference_largest_component
+from stages.refinement.refine import largest_component as reference_largest_component
 
 
 def random_masks(count: int, shape: tuple[int, int], seed: int) -> np.ndarray:

@@ -7,8 +7,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
-from stages.copy_paste import CopyPasteLoader, boxes_from_masks, copy_paste, paste, scale_source
-from stages.detectron_config import add_cutler_config
+from stages.detection.copy_paste import CopyPasteLoader, boxes_from_masks, copy_paste, paste, scale_source
+from stages.detection.detectron_config import add_cutler_config
 
 
 def _item(height, width, rects, classes, seed):

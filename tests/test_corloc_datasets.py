@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import DatasetConfig
-from stages.corloc import corloc
-from stages.datasets import DatasetError, ground_truth_boxes, list_images
+from stages.data.base import DatasetConfig
+from stages.data.datasets import DatasetError, ground_truth_boxes, list_images
+from stages.evaluation.corloc import corloc
 
 
 def test_corloc_is_the_exact_fraction_of_hits():

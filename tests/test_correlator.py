@@ -1,5 +1,5 @@
-"""BA temporal correlator (stages/correlator.py): model, sparse-key attention, losses, training, checkpoints
-and clip augmentation, on tokens the tests make (tiny dims: C = 48, 3 frames of 4 x 6 patches)."""
+"""BA temporal correlator (stages/video/correlator.py): model, sparse-key attention, losses, training,
+checkpoints and clip augmentation, on tokens the tests make (tiny dims: C = 48, 3 frames of 4 x 6 patches)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from functools import partial
 import pytest
 import torch
 
-from stages.ba_cluster import symmetric_kl
-from stages.correlator import (
+from stages.video.ba_cluster import symmetric_kl
+from stages.video.correlator import (
     LossParams,
     TemporalCorrelator,
     apply_crop,
@@ -273,7 +273,7 @@ def test_dino_baseline_against_a_plain_loop():
 
 
 def test_dino_baseline_matches_the_backbone_attention():
-    from stages.backbone import Backbone
+    from stages.features.backbone import Backbone
 
     backbone = Backbone("test_vit_tiny", None, "cpu", random_init=True, seed=0)
     images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(14))

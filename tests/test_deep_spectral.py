@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.deep_spectral import deep_spectral, fiedler_foreground, knn_affinity, node_grid, spectral_segments
-from stages.ncut import treat_keys
+from stages.discovery.deep_spectral import (
+    deep_spectral,
+    fiedler_foreground,
+    knn_affinity,
+    node_grid,
+    spectral_segments,
+)
+from stages.discovery.ncut import treat_keys
 from tests.scenes import biased_scene, box_mask, iou, scene_image
 
 GRID = (16, 20)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import (
+from tools.demo_data import (
     check_coco,
     coco_annotation,
     fit_size,
@@ -123,7 +123,7 @@ def test_check_coco_catches_swapped_size_and_outside_box(tmp_path):
 def test_pip_failure_names_package_and_command(tmp_path, monkeypatch):
     import subprocess
 
-    from pipeline import demo_data
+    from tools import demo_data
 
     def failing_run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution")

@@ -1,4 +1,5 @@
-"""The torch dense CRF (stages/dense_crf_torch.py) against pydensecrf, the reference implementation."""
+"""The torch dense CRF (stages/refinement/dense_crf_torch.py) against pydensecrf, the reference
+implementation."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pipeline.config import RefineConfig, load_config
-from stages.dense_crf_torch import NormalizedKernel, crf_refine, mean_field
-from stages.refine import crf_refine as reference_crf_refine
-from stages.refine import mask_iou, refine_mask
+from pipeline.config import load_config
+from stages.refinement.dense_crf_torch import NormalizedKernel, crf_refine, mean_field
+from stages.refinement.refine import RefineConfig, mask_iou, refine_mask
+from stages.refinement.refine import crf_refine as reference_crf_refine
 from tests.synthetic import blocky, textured_scene
 
 

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from pipeline.config import load_config
-from stages import train
-from stages.copy_paste import CopyPasteLoader
-from stages.export import coco_file, mask_annotation
+from stages.common.export import coco_file, mask_annotation
+from stages.detection import train
+from stages.detection.copy_paste import CopyPasteLoader
 
 CUTLER_MIN_SIZES = [240, 320, 480, 640, 672, 704, 736, 768, 800, 1024]
 MODELS = ["cascade_mask_rcnn_R_50_FPN", "mask_rcnn_R_50_FPN"]
@@ -21,7 +21,9 @@ MODELS = ["cascade_mask_rcnn_R_50_FPN", "mask_rcnn_R_50_FPN"]
 
 def round_cfg(round_index, preset=None, overrides=(), tmp_path=".", init=None):
     cfg = load_config("demo", "maskcut", list(overrides), preset=preset)
-    train_cfg = dataclasses.replace(cfg.train, init=init)
+    # CutLER's recipe is the R50 one: train.model=auto would pick ViTDet where DINOv2 weights are found
+    model = "cascade_mask_rcnn_R_50_FPN" if cfg.train.model == "auto" else cfg.train.model
+    train_cfg = dataclasses.replace(cfg.train, init=init, model=model)
     return train.detectron_cfg(train_cfg, round_index, tmp_path, "", "cpu")
 
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from stages.discover import find_objects
-from stages.lost import lost
-from stages.maskcut import maskcut
-from stages.ncut import patch_box, seed_component
-from stages.refine import mask_iou
-from stages.tokencut import tokencut
+from stages.discovery.base import keys_to_masks
+from stages.discovery.lost import lost
+from stages.discovery.maskcut import maskcut
+from stages.discovery.ncut import patch_box, seed_component
+from stages.discovery.tokencut import tokencut
+from stages.refinement.refine import mask_iou
 from tests.synthetic import hard_scene, planted_keys
 
 ONE = [(3, 4, 10, 12)]
@@ -136,20 +136,20 @@ def assert_each_object_once(masks, truth, min_iou):
 @pytest.mark.parametrize("shapes", [HARD_TWO, HARD_THREE], ids=["two", "three"])
 def test_maskcut_defaults_find_each_object_of_a_hard_dino_scene(shapes, seed, one_thread):
     keys, truth = hard_scene(HARD, shapes, seed, object_similarity=0.6)
-    assert_each_object_once(find_objects(keys, HARD, configured("maskcut"), "dino"), truth, 0.95)
+    assert_each_object_once(keys_to_masks(keys, HARD, configured("maskcut"), "dino"), truth, 0.95)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_maskcut_defaults_find_each_object_of_a_hard_dinov2_scene(seed, one_thread):
     keys, truth = hard_scene(HARD, HARD_THREE, seed, object_similarity=0.6, offset=DINOV2_OFFSET)
-    assert_each_object_once(find_objects(keys, HARD, configured("maskcut"), "dinov2"), truth, 0.95)
+    assert_each_object_once(keys_to_masks(keys, HARD, configured("maskcut"), "dinov2"), truth, 0.95)
 
 
 @pytest.mark.parametrize("family, offset", [("dino", 0.0), ("dinov2", DINOV2_OFFSET)])
 @pytest.mark.parametrize("seed", range(3))
 def test_tokencut_defaults_find_an_object_of_a_hard_scene(family, offset, seed, one_thread):
     keys, truth = hard_scene(HARD, HARD_TWO, seed, object_similarity=0.6, offset=offset)
-    (mask,) = find_objects(keys, HARD, configured("tokencut"), family)
+    (mask,) = keys_to_masks(keys, HARD, configured("tokencut"), family)
     assert max(mask_iou(mask, t) for t in truth) >= 0.95
 
 
@@ -157,5 +157,5 @@ def test_tokencut_defaults_find_an_object_of_a_hard_scene(family, offset, seed, 
 @pytest.mark.parametrize("seed", range(3))
 def test_lost_defaults_find_an_object_of_a_hard_scene(shapes, seed, one_thread):
     keys, truth = hard_scene(HARD, shapes, seed, object_similarity=0.6)
-    (mask,) = find_objects(keys, HARD, configured("lost"), "dino")
+    (mask,) = keys_to_masks(keys, HARD, configured("lost"), "dino")
     assert max(mask_iou(mask, t) for t in truth) >= 0.95

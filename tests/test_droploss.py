@@ -13,8 +13,8 @@ from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from stages.detectron_config import add_cutler_config
-from stages.droploss import (
+from stages.detection.detectron_config import add_cutler_config
+from stages.detection.droploss import (
     IMAGE_GT_BOXES,
     DropLossFastRCNNOutputLayers,
     attach_image_gt_boxes,

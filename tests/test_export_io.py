@@ -9,9 +9,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from stages.discover import ImageObjects, overlay_png
-from stages.export import CATEGORIES, CocoError, coco_file, mask_annotation, validate_coco, write_coco
-from stages.io import BadImage, atomic_write_bytes, atomic_write_text, load_rgb
+from stages.common.export import CATEGORIES, CocoError, coco_file, mask_annotation, validate_coco, write_coco
+from stages.common.io import BadImage, atomic_write_bytes, atomic_write_text, load_rgb
+from stages.pseudolabels import ImageObjects, overlay_png
 
 
 def test_coco_round_trip_keeps_size_area_and_box(tmp_path):

@@ -4,11 +4,11 @@ right frames as they are, and runs long videos in bounded windows."""
 import pytest
 import torch
 
-import stages.flow_consistency as flow_consistency
-import stages.power_iteration as power_iteration
-from pipeline.bench_sslvos import planted_video
-from stages.flow_consistency import FlowConsistencyParams, flow_consistent_masks
-from stages.power_iteration import SpectralInitParams, foreground, soft_masks, spectral_vectors
+import stages.video.flow_consistency as flow_consistency
+import stages.video.power_iteration as power_iteration
+from stages.video.flow_consistency import FlowConsistencyParams, flow_consistent_masks
+from stages.video.power_iteration import SpectralInitParams, foreground, soft_masks, spectral_vectors
+from tools.bench_sslvos import planted_video
 
 WRONG = 3  # the frame whose initial mask is wrong
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.found import (
+from stages.discovery.found import (
     FoundBatch,
     FoundState,
     FoundTraining,

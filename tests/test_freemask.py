@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.freemask import freemask, matrix_nms, query_masks
-from stages.masks import pairwise_iou
+from stages.common.masks import pairwise_iou
+from stages.discovery.freemask import freemask, matrix_nms, query_masks
 from tests.scenes import box_mask, iou
 
 GRID = (24, 30)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import ba, discover
-from stages import detector as det
-from stages.datasets import ImageRecord
-from stages.discover import ImageObjects
-from stages.export import coco_file, mask_annotation
-from stages.io import ORIENTATION, image_size, load_rgb, to_8_bit
-from stages.videos import VideoRecord
+from stages import detect as det
+from stages import pseudolabels as discover
+from stages.common.export import coco_file, mask_annotation
+from stages.common.io import ORIENTATION, image_size, load_rgb, to_8_bit
+from stages.data.datasets import ImageRecord
+from stages.data.videos import VideoRecord
+from stages.pseudolabels import ImageObjects
 from tests.synthetic import object_image
 
 HEIGHT, WIDTH = 48, 64  # not square: a lost EXIF rotation shows in the shape
@@ -169,8 +169,8 @@ class _Cpu:
 
 def training_images(tmp_path: Path, paths: dict[str, Path]) -> dict[str, np.ndarray]:
     """What detectron2's training loader (our mapper, copy-paste wrapper) yields for each file."""
-    from stages import train
-    from stages.detectron_config import cutler_cfg
+    from stages.detection import train
+    from stages.detection.detectron_config import cutler_cfg
 
     shapes = {name: load_rgb(p).shape[:2] for name, p in paths.items()}
     images = [
@@ -181,7 +181,7 @@ def training_images(tmp_path: Path, paths: dict[str, Path]) -> dict[str, np.ndar
     for m in masks:
         m[5:20, 5:30] = True
     labels = tmp_path / "labels.json"
-    from stages.export import write_coco
+    from stages.common.export import write_coco
 
     write_coco(labels, coco_file(images, [mask_annotation(m, i + 1) for i, m in enumerate(masks)]))
     train.register_labels("odd-modes", labels, str(tmp_path))
@@ -217,7 +217,7 @@ def stage_views(tmp_path_factory):
         discover.run_shard(d, [record], 1)
         views[name]["discovery"] = d.seen[0]
         v = CapturingVideoDiscoverer()
-        ba.run_video(v, VideoRecord(1, "clip", (name,), str(tmp_path)), overlay=False)
+        discover.run_video(v, VideoRecord(1, "clip", (name,), str(tmp_path)), overlay=False)
         views[name]["ba"] = v.seen[0]
         detector = det.Detector.__new__(det.Detector)  # the detector API around a stand-in model
         detector.predictor = CapturingPredictor()

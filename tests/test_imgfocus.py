@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from onnx.reference import ReferenceEvaluator
 
-from stages import imgfocus
-from stages.backbone import cache_dir, find_weights
-from stages.imgfocus import CACHE_NAME, find_imgfocus_onnx, imgfocus_state_dict
+from stages.features import imgfocus
+from stages.features.backbone import cache_dir, find_weights
+from stages.features.imgfocus import CACHE_NAME, find_imgfocus_onnx, imgfocus_state_dict
 from tests.optional import require
 
 ONNX_PATH = find_imgfocus_onnx()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from stages import rle
-from stages.coco_ap import evaluate_ap, ground_truth_as_detections
-from stages.export import coco_file, mask_annotation
+from stages.common import rle
+from stages.common.export import coco_file, mask_annotation
+from stages.evaluation.coco_ap import evaluate_ap, ground_truth_as_detections
 
 N = 300  # past every 8-bit count
 

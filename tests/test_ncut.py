@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench_ncut import two_cliques
-from stages.maskcut import maskcut
-from stages.ncut import (
+from stages.discovery.maskcut import maskcut
+from stages.discovery.ncut import (
     binary_affinity,
     bipartition,
     canonical_sign,
@@ -15,8 +14,9 @@ from stages.ncut import (
     lanczos_fiedler,
     unit_keys,
 )
-from stages.tokencut import tokencut
+from stages.discovery.tokencut import tokencut
 from tests.synthetic import planted_keys
+from tools.bench_ncut import two_cliques
 
 EPS = 1e-5
 

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from stages.deep_spectral import deep_spectral
-from stages.found import found
-from stages.freemask import freemask
-from stages.lost import lost
-from stages.maskcut import maskcut
-from stages.ncut import treat_keys
-from stages.no_object import NoObjectRule, mean_pairwise_cosine, valid_patches
-from stages.tokencut import tokencut
-from stages.votecut import votecut
+from stages.discovery.deep_spectral import deep_spectral
+from stages.discovery.found import found
+from stages.discovery.freemask import freemask
+from stages.discovery.lost import lost
+from stages.discovery.maskcut import maskcut
+from stages.discovery.ncut import treat_keys
+from stages.discovery.no_object import NoObjectRule, mean_pairwise_cosine, valid_patches
+from stages.discovery.tokencut import tokencut
+from stages.discovery.votecut import votecut
 from tests.scenes import biased_scene, cls_attention, iou, scene_image
 
 GRID = (18, 24)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench_sslvos import textured_frames
-from stages.optical_flow import (
+from stages.video.optical_flow import (
     RaftFlow,
     dis_flow,
     matched,
@@ -15,6 +14,7 @@ from stages.optical_flow import (
     sequence_flows,
     warp,
 )
+from tools.bench_sslvos import textured_frames
 
 
 @pytest.mark.parametrize("preset, tolerance", [("medium", 0.05), ("fast", 0.2), ("ultrafast", 0.3)])

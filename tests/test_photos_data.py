@@ -1,4 +1,4 @@
-"""The photos set's assembly (pipeline/photos_data.py) on images made here: no downloads."""
+"""The photos set's assembly (tools/photos_data.py) on images made here: no downloads."""
 
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import Photo, check_coco
-from pipeline.photos_data import OPENCV_PHOTOS, BoxPhoto, build_photos, validate, video_frames
+from tools.demo_data import Photo, check_coco
+from tools.photos_data import OPENCV_PHOTOS, BoxPhoto, build_photos, validate, video_frames
 
 
 def test_photos_with_polygons_or_boxes_become_one_valid_coco_file(tmp_path):
@@ -39,7 +39,7 @@ def test_photos_with_polygons_or_boxes_become_one_valid_coco_file(tmp_path):
 
 
 def test_a_wrong_stated_size_or_a_repeated_name_is_refused(tmp_path):
-    from pipeline.demo_data import DemoDataError
+    from tools.demo_data import DemoDataError
 
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(DemoDataError, match="40x30"):

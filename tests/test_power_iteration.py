@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench_sslvos import planted_video
-from stages.ncut import dense_fiedler
-from stages.optical_flow import sampling_matrix
-from stages.power_iteration import (
+from stages.discovery.ncut import dense_fiedler
+from stages.video.optical_flow import sampling_matrix
+from stages.video.power_iteration import (
     SpectralInitParams,
     dense_power_iteration,
     foreground,
@@ -19,6 +18,7 @@ from stages.power_iteration import (
     spectral_vectors,
     two_means,
 )
+from tools.bench_sslvos import planted_video
 
 PARAMS = SpectralInitParams()
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from stages.backbone import Backbone, find_weights
-from stages.discover import Discoverer
-from stages.io import load_rgb
+from stages.common.io import load_rgb
+from stages.features.backbone import Backbone, find_weights
+from stages.pseudolabels import Discoverer
 from tests.optional import require
 from tests.synthetic import box_iou
 
@@ -55,7 +55,7 @@ def test_method_finds_the_quokka_with_dinov2(method, dinov2, quokka):
     # MaskCut resizes to 476x476 and maps the box back to 640x429; TokenCut and LOST pad to 644x434.
     rgb, truth = quokka
     cfg = load_config("demo", method, ["backbone.arch=dinov2_vits14"])
-    (objects,) = Discoverer(dinov2, cfg.method, cfg.refine, cfg.run.max_patches)([rgb], 1)
+    (objects,) = Discoverer.from_config(dinov2, cfg.method, cfg.refine, cfg.run.max_patches)([rgb], 1)
     x, y, w, h = objects.boxes[0]
     # Measured: MaskCut 0.85, TokenCut 0.87. Tighter than a CorLoc hit (0.5): MaskCut's box left in the
     # 476x476 frame instead of mapped back to 640x429 still reaches 0.53.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import RefineConfig, load_config
-from stages.bilateral_solver import bilateral_solve
-from stages.refine import largest_component, mask_iou, refine_mask
+from pipeline.config import load_config
+from stages.refinement.bilateral_solver import bilateral_solve
+from stages.refinement.refine import RefineConfig, largest_component, mask_iou, refine_mask
 
 H, W = 160, 192
 PATCH = 16
@@ -83,7 +83,7 @@ def test_none_is_identity(cfg):
 
 def test_unknown_method_raises(cfg):
     image, obj = scene(noise=0.0)
-    with pytest.raises(ValueError, match="unknown refinement method"):
+    with pytest.raises(ValueError, match="unknown refinement .grabcut. .known: bilateral, crf, none"):
         refine_mask(image, obj, "grabcut", cfg)
 
 

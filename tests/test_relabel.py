@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from stages.export import mask_annotation
-from stages.relabel import merge_labels
+from stages.common.export import mask_annotation
+from stages.detection.relabel import merge_labels
 
 
 def ann(y0, x0, y1, x1, score=None):

@@ -151,14 +151,15 @@ def test_discovery_boxes_are_mapped_back_from_the_resized_image(images, first_ru
     # workers' backbone (same seeded random init, one image per pass) and boxed by hand.
     import torch
 
-    from pipeline.runs import load_backbone, resolve_backbone
-    from stages.backbone import network_image, prepare_image
-    from stages.discover import find_objects
-    from stages.io import load_rgb
+    from pipeline.resolve import resolve
+    from pipeline.runs import load_backbone
+    from stages.common.io import load_rgb
+    from stages.discovery.base import keys_to_masks
+    from stages.features.backbone import network_image, prepare_image
 
     cfg, path = first_run
-    cfg = resolve_backbone(cfg)
-    backbone = load_backbone(cfg)
+    cfg = resolve(cfg)
+    backbone = load_backbone(cfg.backbone, cfg.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers (run.threads_per_worker=1)
     try:
@@ -168,7 +169,7 @@ def test_discovery_boxes_are_mapped_back_from_the_resized_image(images, first_ru
                 continue
             work = network_image(load_rgb(images / image["file_name"]), 8, 96)
             feats = backbone(prepare_image(work, 8, None)[None])
-            masks = find_objects(feats.keys[0, 1:], feats.grid, cfg.method, backbone.family)
+            masks = keys_to_masks(feats.keys[0, 1:], feats.grid, cfg.method, backbone.family)
             expected = []
             for mask in masks:
                 ys, xs = np.nonzero(mask)

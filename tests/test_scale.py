@@ -14,10 +14,10 @@ from pipeline.driver import ShardedStage
 from pipeline.evaluate import eval_corloc
 from pipeline.pseudolabels import run
 from pipeline.selftrain import relabel
-from stages import rle
-from stages.ba import resize_ids
-from stages.coco_ap import evaluate_ap, ground_truth_as_detections
-from stages.export import CocoError, CocoWriter, coco_file, mask_annotation, validate_coco, write_coco
+from stages.common import rle
+from stages.common.export import CocoError, CocoWriter, coco_file, mask_annotation, validate_coco, write_coco
+from stages.evaluation.coco_ap import evaluate_ap, ground_truth_as_detections
+from stages.video.ba import resize_ids
 from tests.synthetic import object_image
 
 

@@ -14,8 +14,8 @@ from pipeline import load_detector, selftrain
 from pipeline.config import load_config
 from pipeline.driver import EXIT_AFTER_SHARDS
 from pipeline.selftrain import run
-from stages import train
-from stages.export import coco_file, mask_annotation
+from stages.common.export import coco_file, mask_annotation
+from stages.detection import train
 from tests.processes import run_pipeline
 from tests.synthetic import box_iou, object_image, write_image_folder
 
@@ -288,8 +288,8 @@ def planted_ground_truth(images) -> tuple[dict, dict[int, list[int]]]:
 def test_rounds_are_evaluated_only_where_there_is_ground_truth(images, trained, monkeypatch, tmp_path):
     import dataclasses
 
-    from pipeline.config import DatasetConfig
-    from stages import datasets
+    from stages.data import datasets
+    from stages.data.base import DatasetConfig
 
     cfg, last = trained
     assert selftrain.evaluate_round(cfg, last) == {}  # an image folder has nothing to evaluate against
@@ -356,8 +356,8 @@ def test_score_thresholds_are_0_7_then_0_65():
 def test_the_trainer_trains_on_copy_paste_batches_with_the_rounds_settings(trained, images, r, monkeypatch):
     # One real training iteration of round r's trainer: every batch goes through copy-paste with the round's
     # ratio range, and DropLoss weighs the classification loss in round 0 only.
-    import stages.copy_paste
-    from stages.droploss import DropLossFastRCNNOutputLayers
+    import stages.detection.copy_paste
+    from stages.detection.droploss import DropLossFastRCNNOutputLayers
 
     cfg, last = trained
     d2cfg = train.detectron_cfg(cfg.train, r, last.parent / f"one-iteration-{r}", "", "cpu")
@@ -366,9 +366,11 @@ def test_the_trainer_trains_on_copy_paste_batches_with_the_rounds_settings(train
     Path(d2cfg.OUTPUT_DIR).mkdir()
     train.register_labels(d2cfg.DATASETS.TRAIN[0], last.parent / "round0" / "labels.json", str(images))
     pasted, weighted = [], []
-    paste = stages.copy_paste.copy_paste
+    paste = stages.detection.copy_paste.copy_paste
     monkeypatch.setattr(
-        stages.copy_paste, "copy_paste", lambda b, ratio, *a: pasted.append(ratio) or paste(b, ratio, *a)
+        stages.detection.copy_paste,
+        "copy_paste",
+        lambda b, ratio, *a: pasted.append(ratio) or paste(b, ratio, *a),
     )
     weights = DropLossFastRCNNOutputLayers.proposal_weights
     monkeypatch.setattr(

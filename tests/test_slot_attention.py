@@ -1,4 +1,4 @@
-"""Invariant slot attention (stages/slot_attention.py): slot frames, token-drop bookkeeping, and that it
+"""Invariant slot attention (stages/video/slot_attention.py): slot frames, token-drop bookkeeping, and that it
 separates planted objects once trained."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from stages.slot_attention import (
+from stages.video.slot_attention import (
     MAX_SCALE,
     MIN_SCALE,
     InvariantSlotAttention,

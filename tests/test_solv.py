@@ -1,5 +1,5 @@
-"""SOLV (stages/solv.py, stages/solv_train.py): model, token drop, slot merging, training schedule and
-resume, tracks."""
+"""SOLV (stages/video/solv.py, stages/video/solv_train.py): model, token drop, slot merging, training
+schedule and resume, tracks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.slot_attention import coordinate_grid, slot_position_scale
-from stages.solv import (
+from stages.video.slot_attention import coordinate_grid, slot_position_scale
+from stages.video.solv import (
     SOLV,
     SOLVConfig,
     VideoSlots,
@@ -26,7 +26,7 @@ from stages.solv import (
     video_tracks,
     windows,
 )
-from stages.solv_train import (
+from stages.video.solv_train import (
     FeatureBatch,
     SOLVTrainConfig,
     SOLVTrainer,

@@ -5,8 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from stages.backbone import Backbone
-from stages.ncut import (
+from stages.discovery.ncut import (
     KEY_TREATMENTS,
     binary_affinity,
     fiedler_vector,
@@ -15,6 +14,7 @@ from stages.ncut import (
     treat_keys,
     unit_keys,
 )
+from stages.features.backbone import Backbone
 from tests.test_ncut import object_keys
 
 EPS = 1e-5

@@ -11,16 +11,16 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline import video
+from pipeline import evaluate, train_correlator
 from pipeline.config import load_config, replace
 from pipeline.pseudolabels import run as pseudolabels
-from stages.ba import ba_tracks
-from stages.ba_cluster import background_cluster, cluster_attention, instance_tracks
-from stages.backbone import Backbone
-from stages.datasets import ground_truth_boxes, ground_truth_coco, list_images
-from stages.export import validate_coco
-from stages.train import check_labels
-from stages.videos import list_videos, video_ground_truth, video_truth
+from stages.common.export import validate_coco
+from stages.data.datasets import ground_truth_boxes, ground_truth_coco, list_images
+from stages.data.videos import list_videos, video_ground_truth, video_truth
+from stages.detection.train import check_labels
+from stages.features.backbone import Backbone
+from stages.video.ba import ba_tracks
+from stages.video.ba_cluster import background_cluster, cluster_attention, instance_tracks
 from tests.synthetic import write_davis_videos
 
 
@@ -180,7 +180,7 @@ def test_ba_run_writes_tracks_with_stable_identities(videos, similarity_vit, tmp
         assert len(track["segmentations"]) == 6
     for v in list_videos(cfg.dataset):
         gt = video_ground_truth(cfg.dataset, v)
-        pred = video.predicted_ids(tracks, v.id, gt.shape)
+        pred = evaluate.predicted_ids(tracks, v.id, gt.shape)
         track_of = {}
         for obj in (1, 2):  # the same track covers each object in every frame
             owners = {np.bincount(pred[t][gt[t] == obj]).argmax() for t in range(len(gt))}
@@ -188,7 +188,7 @@ def test_ba_run_writes_tracks_with_stable_identities(videos, similarity_vit, tmp
             track_of[obj] = owners.pop()
         assert track_of[1] != track_of[2]  # two objects, two tracks (not one track over both)
     assert len(list((run_dir / "overlays").glob("*.gif"))) == 2
-    metrics = video.evaluate(cfg)
+    metrics = evaluate.evaluate_video(cfg)
     assert 0.3 < metrics["J&F"] <= 1 and 0 < metrics["FG-ARI"] <= 1
     # The per-frame COCO is a valid training set for the detector (frames as images).
     check_labels(labels, str(videos), {r.file_name for r in list_images(cfg.dataset)})
@@ -207,11 +207,11 @@ def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tm
         "correlator.num_neg=4",
     ]
     cfg = ba_config(videos, tmp_path, similarity_vit, [*tiny, "correlator.steps=2"])
-    path = video.train_correlator(cfg)
+    path = train_correlator.train_correlator(cfg)
     first = torch.load(path, weights_only=True)
     assert first["step"] == 2
     longer = replace(cfg, **{"correlator.steps": 3})
-    assert video.train_correlator(longer) == path  # same run directory: steps are not in its hash
+    assert train_correlator.train_correlator(longer) == path  # same run directory: steps are not in its hash
     second = torch.load(path, weights_only=True)
     assert second["step"] == 3
     assert any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
@@ -227,11 +227,11 @@ def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tm
     assert [e.step for e in ess] == [1, 2, 3]
     assert all(1 <= e.value <= 3 * 4 * 6 for e in ess)  # at most the T * n rows of a clip (3 frames of 4x6)
     # BA now finds and uses this correlator for the dataset.
-    assert video.resolve_correlator(cfg).correlator.checkpoint == str(path)
+    assert train_correlator.resolve_correlator(cfg).correlator.checkpoint == str(path)
     assert Path(path).parent.name.startswith("davis17-correlator-")
     # ... unless the frozen ViT attention is asked for by name.
     frozen = replace(cfg, **{"correlator.checkpoint": "frozen"})
-    assert video.resolve_correlator(frozen).correlator.checkpoint is None
+    assert train_correlator.resolve_correlator(frozen).correlator.checkpoint is None
 
 
 @pytest.mark.usefixtures("ray_local")

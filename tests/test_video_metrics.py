@@ -1,4 +1,5 @@
-"""Video metrics (stages/video_metrics.py) against values worked out by hand on tiny label volumes."""
+"""Video metrics (stages/evaluation/video_metrics.py) against values worked out by hand on tiny label
+volumes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from stages.video_metrics import (
+from stages.evaluation.video_metrics import (
     DAVIS_MAX_PROPOSALS,
     adjusted_rand_index,
     boundary_map,

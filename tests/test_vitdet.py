@@ -1,5 +1,5 @@
-"""ViTDet on DINOv2 (stages/vitdet.py): configs build, DINOv2 weights convert exactly and load with no
-missing or unexpected keys, training uses DropLoss at every cascade stage, copy-paste and layer-wise lr
+"""ViTDet on DINOv2 (stages/detection/vitdet.py): configs build, DINOv2 weights convert exactly and load with
+no missing or unexpected keys, training uses DropLoss at every cascade stage, copy-paste and layer-wise lr
 decay, the pipeline picks it when no ResNet-50 is given, and a trained detector loads in one call."""
 
 import json
@@ -16,11 +16,10 @@ from PIL import Image
 from pipeline import load_detector, selftrain
 from pipeline.config import ConfigError, load_config
 from pipeline.runs import RunError
-from stages import copy_paste, train
-from stages.backbone import Backbone, read_checkpoint, to_timm_keys
-from stages.droploss import DropLossFastRCNNOutputLayers
-from stages.export import coco_file, mask_annotation
-from stages.vitdet import (
+from stages.common.export import coco_file, mask_annotation
+from stages.detection import copy_paste, train
+from stages.detection.droploss import DropLossFastRCNNOutputLayers
+from stages.detection.vitdet import (
     PATCH_RESIZE,
     ConversionError,
     build_optimizer,
@@ -28,6 +27,7 @@ from stages.vitdet import (
     dinov2_to_vitdet,
     is_vitdet,
 )
+from stages.features.backbone import Backbone, read_checkpoint, to_timm_keys
 from tests.synthetic import object_image
 
 MODELS = ("cascade_mask_rcnn_vitdet_s14", "mask_rcnn_vitdet_s14")
@@ -152,9 +152,10 @@ def test_checkpoints_that_do_not_fit_are_refused_by_key():
 
 
 def test_converted_backbone_computes_dinov2s_tokens(tmp_path):
-    """The converted ViT against timm's DINOv2 as the pseudo-labeller runs it (stages/backbone.py): on the
-    same input with a 14-px patch, and with the 16-px patch on the input whose patches are each upsampled
-    to 16 px (FlexiViT's exact case), at a grid other than the checkpoint's (position embedding resized)."""
+    """The converted ViT against timm's DINOv2 as the pseudo-labeller runs it (stages/features/backbone.py):
+    on the same input with a 14-px patch, and with the 16-px patch on the input whose patches are each
+    upsampled to 16 px (FlexiViT's exact case), at a grid other than the checkpoint's (position embedding
+    resized)."""
     state = dinov2_state(seed=1)
     torch.save(state, tmp_path / "dinov2.pth")
     dinov2 = Backbone("dinov2_vits14", tmp_path / "dinov2.pth", "cpu")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.ncut import binary_affinity, smallest_eigenvectors, treat_keys
-from stages.votecut import eigenvector_candidates, iou_clusters, votecut
+from stages.discovery.ncut import binary_affinity, smallest_eigenvectors, treat_keys
+from stages.discovery.votecut import eigenvector_candidates, iou_clusters, votecut
 from tests.scenes import biased_scene, box_mask, iou
 
 GRID = (20, 24)

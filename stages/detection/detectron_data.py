@@ -1,0 +1,53 @@
+"""detectron2's training data read with the project's image decoder.
+
+detectron2's own reader (``detection_utils.read_image``) converts images with Pillow alone: a 12-bit PNG
+comes out nearly white, a 16-bit colour file cut to its top byte. Every other stage reads with
+``stages.common.io.load_rgb``; this mapper makes training (and the copy-paste loader built on it) see the same
+pixels, through detectron2's extension point for data loading (a ``DatasetMapper`` passed to
+``build_detection_train_loader``), detectron2 itself untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from stages.common.io import load_rgb
+
+
+def read_image(path: str, image_format: str) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 in detectron2's ``INPUT.FORMAT`` ('RGB' or 'BGR'), decoded by
+    ``load_rgb``."""
+    rgb = load_rgb(path)
+    if image_format == "RGB":
+        return rgb
+    if image_format == "BGR":
+        return np.ascontiguousarray(rgb[:, :, ::-1])
+    raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for this project's reader, got '{image_format}'")
+
+
+class ImageMapper(DatasetMapper):
+    """``DatasetMapper`` whose image comes from :func:`read_image`; augmentation and annotation handling are
+    detectron2's. Semantic segmentation files and precomputed proposals (unused here) are refused."""
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        if "sem_seg_file_name" in dataset_dict or self.proposal_topk is not None:
+            raise ValueError("ImageMapper maps instance annotations only (no sem_seg, no proposals)")
+        dataset_dict = copy.deepcopy(dataset_dict)  # modified below
+        image = read_image(dataset_dict["file_name"], self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        # A tensor, not an array: detectron2's loader moves tensors through shared memory.
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+        elif "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+        return dataset_dict

@@ -1,0 +1,113 @@
+"""What a discovery method is: a class registered by name in ``METHODS``.
+
+A method owns its config section (``Config``, a ``@section`` dataclass whose ``name`` is a ``Literal`` of
+its registered name; the values live in ``configs/methods/<name>.yaml``), declares its modality ("image" or
+"video") and what it needs from the backbone, and is built once per worker with ``from_config``. Image
+methods are then called per image with its ``PatchFeatures`` and return patch masks; video methods are
+called per video (``stages/video/base.py``). Adding a method is one module under ``stages/discovery/`` or
+``stages/video/`` and one YAML file: nothing else names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from stages.common.registry import Registry
+from stages.common.schema import fail, section
+
+METHODS: Registry[type[DiscoveryMethod]] = Registry("discovery method")
+
+
+class DiscoveryMethod:
+    """Base of every registered method. Subclasses set the class attributes below."""
+
+    Config: ClassVar[type]  # its config section
+    modality: ClassVar[str]  # "image" or "video"
+    # A number bumped whenever a change of the method's code changes its outputs: a run directory records
+    # it per shard, and resuming with a different version recomputes those shards.
+    version: ClassVar[int] = 1
+
+
+@dataclass
+class PatchFeatures:
+    """One image's last-block features, as an image method receives them.
+
+    keys: (h*w, C) patch keys, heads concatenated, CLS dropped, row-major over ``grid`` (h, w).
+    The optional fields are filled when the method lists them in ``needs``: ``cls_key`` (C,), ``queries``
+    (h*w, C), ``attention`` (heads, 1 + h*w, 1 + h*w) with CLS first, ``tokens`` (1 + h*w, C) the normalised
+    output tokens, ``key_bias`` (C,) the last block's key bias, ``image`` the (H', W', 3) uint8 RGB the
+    network saw (before padding) with ``patch`` its patch size in pixels.
+    """
+
+    keys: torch.Tensor
+    grid: tuple[int, int]
+    family: str
+    patch: int | None = None
+    image: np.ndarray | None = None
+    cls_key: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+
+class ImageMethod(DiscoveryMethod):
+    """An image discovery method: ``PatchFeatures`` of one image -> its objects as (h, w) bool patch masks,
+    in discovery order (the first is the method's main object)."""
+
+    modality = "image"
+    # Backbone outputs it reads besides the keys: any of "queries", "attention", "tokens".
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ImageMethod:
+        return cls(cfg)
+
+    def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+def keys_to_masks(keys: torch.Tensor, grid: tuple[int, int], cfg: Any, family: str) -> list[np.ndarray]:
+    """Patch keys (h*w, C) of one image -> the (h, w) bool patch masks of the registered image method
+    configured by ``cfg`` (its config section), for a backbone of ``family`` ('dino' or 'dinov2'). For
+    methods that read only the keys (MaskCut, TokenCut, LOST): the others need the ``PatchFeatures`` the
+    pseudo-label stage builds."""
+    return METHODS.get(cfg.name).from_config(cfg)(PatchFeatures(keys, grid, family))
+
+
+@section
+class GraphConfig:
+    """How the patch affinity graph is built from keys, for one backbone family."""
+
+    tau: float  # similarity threshold of the binary graph
+    center_keys: bool  # subtract the per-image mean key first (DINOv2, see SPEC "Backbone")
+
+    def validate(self, key: str) -> None:
+        if not -1.0 <= self.tau < 1.0:
+            fail(f"{key}.tau", f"must be in [-1, 1), got {self.tau}")
+
+
+def validate_graphs(graph: dict[str, GraphConfig], key: str) -> None:
+    """Graph settings are per backbone family: exactly 'dino' and 'dinov2'."""
+    for family in sorted(set(graph) ^ {"dino", "dinov2"}):
+        fail(f"{key}.{family}", "settings are needed for exactly the backbone families 'dino' and 'dinov2'")
+    for family, g in graph.items():
+        g.validate(f"{key}.{family}")
+
+
+def load_methods() -> Registry[type[DiscoveryMethod]]:
+    """``METHODS`` with every method registered: imports each module of ``stages.discovery`` and
+    ``stages.video`` once (a method registers itself where it is defined)."""
+    for package in ("stages.discovery", "stages.video"):
+        pkg = importlib.import_module(package)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{package}.{info.name}")
+    return METHODS

@@ -1,0 +1,148 @@
+"""VoteCut (CuVLER, Arica et al., CVPR 2024): candidate masks from several feature sources, clustered by
+IoU; a cluster's members vote for its mask, and the number of votes is the mask's object score.
+
+Candidates. For each source (a backbone, a key treatment, a scale, ...) each normalized-cut eigenvector is
+split by k-means into K = 2 and K = 3 groups of patches (1-D, on the vector's values); a group that holds
+2 or more grid corners is background; the others are cut into 4-connected components, a group of more
+than 30 components is noise, and a component whose box is under 5 patches both wide and high is dropped.
+Masks from other methods (MaskCut's, FOUND's) can be added as they are: every candidate is a vote.
+
+Voting. Candidates are resized to one grid (nearest) and clustered greedily: the candidate agreeing
+(IoU > 0.6) with most others is the first pivot; its cluster is every candidate agreeing with it; the
+pivot moves to the member with the largest summed IoU with the cluster and the cluster grows around it,
+up to 5 times; the next pivot is the next candidate not yet in a cluster. A cluster's mask is the patches
+that more than tau_m = 20% of its members cover; its votes are its members, its score the votes divided by
+the best cluster's votes in the image (CuVLER's soft target for the detector); at most 10 masks, most
+votes first.
+
+Defaults: CuVLER's code (votecut/votecut.py, create_pseudo_masks.py): K in (2, 3), IoU 0.6, 5 pivot
+moves, tau_m 0.2, 10 masks, min box 5 patches, 30 components. One addition: ``min_votes`` (2 here; the
+code keeps single-candidate clusters too, with a low score): a mask is kept only when at least that many
+candidates agree on it, which is what drops a candidate no other source supports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stages.common.masks import pairwise_iou, resize_masks
+from stages.discovery.no_object import NoObjectRule
+
+
+@dataclass
+class VotedMask:
+    """A voted mask on the common grid, (h, w) bool; ``votes``: candidates in its cluster; ``score``:
+    votes / the image's largest votes, in (0, 1] (CuVLER's per-mask object score)."""
+
+    mask: np.ndarray
+    votes: int
+    score: float
+
+
+def kmeans_groups(values: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """(n,) values -> (n,) int labels of k-means with k clusters (scikit-learn, 10 starts)."""
+    from sklearn.cluster import KMeans
+
+    k = min(k, len(np.unique(values)))
+    if k < 2:
+        return np.zeros(len(values), np.int64)
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(
+        values.reshape(-1, 1).astype(np.float64)
+    )
+
+
+def eigenvector_candidates(
+    vectors: torch.Tensor,
+    grid: tuple[int, int],
+    ks: tuple[int, ...],
+    min_box: int,
+    max_components: int,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """CuVLER's candidates from one source: (k, h*w) eigenvectors -> (h, w) bool masks (see the module
+    docstring); ks: k-means cluster counts (2, 3); min_box: a component is kept when its box is at least
+    this many patches wide or high (5); max_components: a group splitting into more is dropped (30)."""
+    from scipy import ndimage
+
+    out = []
+    for vector in vectors.detach().cpu().double().numpy():
+        for k in ks:
+            labels = kmeans_groups(vector, k, seed).reshape(grid)
+            for label in np.unique(labels):
+                group = labels == label
+                if int(group[0, 0]) + int(group[0, -1]) + int(group[-1, 0]) + int(group[-1, -1]) >= 2:
+                    continue  # background
+                parts, count = ndimage.label(group)
+                if count > max_components:
+                    continue
+                for part in range(1, count + 1):
+                    mask = parts == part
+                    ys, xs = np.nonzero(mask)
+                    if xs.max() - xs.min() + 1 < min_box and ys.max() - ys.min() + 1 < min_box:
+                        continue
+                    out.append(mask)
+    return out
+
+
+def iou_clusters(iou: np.ndarray, threshold: float, pivot_moves: int) -> list[tuple[int, list[int]]]:
+    """CuVLER's greedy IoU clustering of m candidates given their (m, m) IoU matrix. Returns (pivot,
+    members) per cluster, in creation order; members exclude candidates already in an earlier cluster."""
+    agree = iou > threshold
+    order = np.argsort(-agree.sum(axis=1), kind="stable")  # most agreed-with first (ties: lower index)
+    used: set[int] = set()
+    clusters = []
+    for start in order.tolist():
+        if start in used:
+            continue
+        pivot, members = start, {start}
+        for _ in range(pivot_moves):
+            grown = members | set(np.nonzero(agree[pivot])[0].tolist())
+            if len(grown) == len(members):
+                break
+            members = grown
+            index = sorted(members)
+            pivot = index[int(np.argmax(iou[np.ix_(index, index)].sum(axis=1)))]
+        if pivot not in used:
+            clusters.append((pivot, sorted(members - used)))
+        used |= members
+    return clusters
+
+
+def votecut(
+    candidates: list[np.ndarray],
+    grid: tuple[int, int],
+    iou_threshold: float,
+    pivot_moves: int,
+    tau_m: float,
+    max_masks: int,
+    min_votes: int,
+    no_object: NoObjectRule | None = None,
+) -> list[VotedMask]:
+    """VoteCut's voting on one image: candidate (h_i, w_i) bool masks from any sources -> up to
+    ``max_masks`` voted masks on ``grid``, most votes first, each with at least ``min_votes`` votes.
+
+    iou_threshold: candidates agree above this IoU (0.6); pivot_moves: pivot refinements (5); tau_m: a
+    patch is in a cluster's mask when more than this fraction of its members cover it (0.2). With a
+    ``no_object`` rule (on ``grid``), voted masks that separate nothing are dropped. Scores are votes over
+    the largest votes among the masks returned.
+    """
+    masks = [m for m in resize_masks(candidates, grid) if m.any()]
+    if not masks:
+        return []
+    stack = torch.from_numpy(np.stack(masks))
+    iou = pairwise_iou(stack).numpy()
+    voted = []
+    for _, members in iou_clusters(iou, iou_threshold, pivot_moves):
+        if len(members) < min_votes:
+            continue
+        mask = stack[members].float().mean(dim=0).numpy() > tau_m
+        if mask.any() and (no_object is None or no_object.separates(mask)):
+            voted.append((mask, len(members)))
+        if len(voted) == max_masks:
+            break
+    voted.sort(key=lambda item: -item[1])  # stable: equal votes keep creation order
+    best = voted[0][1] if voted else 1
+    return [VotedMask(mask, votes, votes / best) for mask, votes in voted]
