@@ -283,16 +283,18 @@ class SSLVOS(VideoMethod):
         frames at a time with the flows at that size."""
         size = tuple(self.cfg.fine_size)
         params = self.cfg.optimise.params()
+        device = self.backbone.device
         out = torch.zeros(coarse.shape[0], *size, dtype=torch.bool)
         for start, stop, keep_from, keep_to in frame_windows(coarse.shape[0], params.window, params.overlap):
-            init = _upsample(coarse[start:stop], size)
+            init = _upsample(coarse[start:stop].to(device), size)
             if stop - start > 1:
                 fwd, bwd = zip(*(read_flow_file(p) for p in pairs[start : stop - 1]), strict=True)
-                fwd = torch.stack([resize_flow(f, size) for f in fwd])
-                bwd = torch.stack([resize_flow(b, size) for b in bwd])
+                fwd = torch.stack([resize_flow(f.to(device), size) for f in fwd])
+                bwd = torch.stack([resize_flow(b.to(device), size) for b in bwd])
                 init = flow_consistent_masks(init, fwd, bwd, params)
             keep = slice(keep_from - start, keep_to - start)
-            out[keep_from:keep_to] = foreground(init[keep].flatten(1), "two_means").reshape(-1, *size)
+            fg = foreground(init[keep].flatten(1), "two_means").reshape(-1, *size)
+            out[keep_from:keep_to] = fg.cpu()
         return out
 
     def __call__(self, frames: list[np.ndarray], pairs: Sequence[str] = ()) -> np.ndarray:
@@ -307,8 +309,11 @@ class SSLVOS(VideoMethod):
                 forward, backward = _grid_flows(pairs, grid)
             init, grid = self.initial_masks(frames, forward, backward)
         init = init.reshape(len(frames), *grid)
-        if len(frames) > 1:
-            init = flow_consistent_masks(init, forward, backward, self.cfg.optimise.params())
+        if len(frames) > 1:  # on the backbone's device (a GPU when there is one)
+            device = self.backbone.device
+            init = flow_consistent_masks(
+                init.to(device), forward.to(device), backward.to(device), self.cfg.optimise.params()
+            ).cpu()
         if self.cfg.fine_size is not None:
             masks = self.fine_pass(init, pairs)
         else:
