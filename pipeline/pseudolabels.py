@@ -200,7 +200,7 @@ def pair_stage(cfg: Config, run_dir: RunDir, videos: list[VideoRecord], cache: P
         name=f"{cfg.method.name} {cache.folder}",
         shards=[pairs[i : i + cfg.run.shard_size] for i in range(0, len(pairs), cfg.run.shard_size)],
         factory=functools.partial(make_pair_worker, cache, cfg.backbone.device),
-        shard_dir=run_dir.path / cache.folder / "shards",
+        shard_dir=run_dir.path / f"{cache.folder}-shards",  # beside the pair files' folder
         files_dir=run_dir.path,
         item_name=lambda pair: pair_names(pair[0])[pair[1]],
         version=cache.folder,

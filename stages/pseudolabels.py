@@ -242,7 +242,10 @@ def run_video(
     else:
         missing = [p for p in pairs if not Path(p).is_file()]
         if missing:
-            reason = f"no pair file {missing[0]} (one of its frames could not be read)"
+            reason = (
+                f"no pair file {missing[0]} (a frame could not be read; or the file was deleted: delete "
+                "its stage's shards folder beside it to compute it again)"
+            )
             return {"video": None, "tracks": [], "failures": [{"video": video.name, "reason": reason}]}, None
         ids = discoverer(frames, pairs)
     height, width = ids.shape[1:]
