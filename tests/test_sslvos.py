@@ -2,6 +2,7 @@
 generated DAVIS-layout videos: one foreground track per video on the moving objects, flows computed once
 per frame pair by their own stage and reused, long videos in windows."""
 
+import io
 import json
 
 import numpy as np
@@ -13,9 +14,9 @@ from pipeline import evaluate
 from pipeline.config import ConfigError, load_config, replace
 from pipeline.pseudolabels import run as pseudolabels
 from stages.common.export import validate_coco
-from stages.data.videos import list_videos, video_ground_truth
+from stages.data.videos import VideoRecord, list_videos, video_ground_truth
 from stages.features.backbone import Backbone
-from stages.refinement.refine import RefineConfig
+from stages.pseudolabels import run_pairs, run_video
 from stages.video.sslvos import SSLVOS, FlowCache, flow_file, read_flow_file
 from tests.synthetic import single_object_video
 
@@ -128,10 +129,7 @@ def test_sslvos_long_video_in_windows_matches_one_window(tmp_path, tiny_vit):
 
 def test_flow_file_round_trip_and_cache_folder():
     forward = np.random.default_rng(0).normal(0, 5, (6, 7, 2)).astype(np.float32)
-    path_bytes = flow_file(forward, -forward)
-    import io
-
-    data = np.load(io.BytesIO(path_bytes))
+    data = np.load(io.BytesIO(flow_file(forward, -forward)))
     assert data.shape == (2, 6, 7, 2) and data.dtype == np.float16
     assert np.abs(data[0] - forward).max() < 0.01
     cfg = load_config("davis17", "sslvos")
@@ -150,9 +148,23 @@ def test_sslvos_config_errors_name_the_key(tmp_path):
 def test_single_frame_video_needs_no_flow():
     backbone = Backbone("test_vit_tiny", None, "cpu", random_init=True)
     cfg = load_config("davis17", "sslvos", SIZE)
-    method = SSLVOS(backbone, replace(cfg.method, refine="none"), RefineConfig, 2)
+    method = SSLVOS(backbone, replace(cfg.method, refine="none"), cfg.refine, 2)
     frame = np.full((64, 96, 3), 30, np.uint8)
     frame[8:40, 20:52] = (220, 40, 40)
     ids = method([frame])
     assert ids.shape == (1, 64, 96) and set(np.unique(ids)) <= {0, 1}
     assert ids[0, 12:36, 24:48].mean() > 0.8 and ids[0, 50:, :].mean() < 0.2
+
+
+def test_an_unreadable_frame_fails_its_pairs_and_its_video_by_name(tmp_path):
+    frames, _ = single_object_video(3)
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"{t}.png")
+    (tmp_path / "1.png").write_bytes(b"not an image")
+    video = VideoRecord(1, "clip", ("0.png", "1.png", "2.png"), str(tmp_path))
+    data, files = run_pairs(lambda a, b: b"flow", "flows/x", [(video, 0), (video, 1)])
+    assert files == {} and [f["pair"] for f in data["failures"]] == ["clip/0.npy", "clip/1.npy"]
+    pairs = [str(tmp_path / "flows/x/clip/0.npy"), str(tmp_path / "flows/x/clip/1.npy")]
+    shard, _ = run_video(None, video, False, pairs)  # fails before the method is called
+    assert shard["video"] is None and shard["failures"][0]["video"] == "clip"
+    assert "1.png" in shard["failures"][0]["reason"]
