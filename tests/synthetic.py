@@ -43,6 +43,7 @@ def hard_scene(
     shapes: list[Shape],
     seed: int,
     object_similarity: float = 0.0,
+    background_similarity: float = -0.3,
     offset: float = 0.0,
     noise: float = 1.5,
     dim: int = 64,
@@ -50,17 +51,18 @@ def hard_scene(
     """(h*w, dim) keys of a scene where the reference graph settings matter, and each object's truth mask.
 
     Every patch is the unit direction of its region plus Gaussian noise of norm ``noise``: a 'sky' band
-    (top 55%) and a 'ground' band with directions of cosine 0.7, objects at cosine -0.3 to both bands and
-    ``object_similarity`` to each other. With noise 1.5 the cosine of two patches of one object is only
-    ~0.3 (about the cosine of the two bands), object-background ~-0.1: a cut at tau 0.15 separates the
-    objects from one background, a higher tau also splits the bands (MaskCut then returns a band as an
-    object), a tau below 0 joins objects and background. ``offset`` adds one shared vector to every key
+    (top 55%) and a 'ground' band with directions of cosine 0.7, objects at cosine
+    ``background_similarity`` (-0.3) to both bands and ``object_similarity`` to each other. With noise 1.5
+    the cosine of two patches of one object is only ~0.3 (about the cosine of the two bands),
+    object-background ~-0.1: a cut at tau 0.15 separates the objects from one background, a higher tau
+    also splits the bands (MaskCut then returns a band as an object), a tau below 0 joins objects and
+    background. ``offset`` adds one shared vector to every key
     (as DINOv2's keys have): raw cosines are then all high, and only centred keys can be cut.
     """
     rng = np.random.default_rng(seed)
     n = 2 + len(shapes)
     gram = np.full((n, n), object_similarity)
-    gram[:2, :] = gram[:, :2] = -0.3
+    gram[:2, :] = gram[:, :2] = background_similarity
     gram[0, 1] = gram[1, 0] = 0.7
     np.fill_diagonal(gram, 1.0)
     basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
