@@ -121,7 +121,8 @@ def predicted_ids(tracks: dict, video_id: int, shape: tuple[int, int, int]) -> n
 
 
 def evaluate_video(cfg: Config, run_dir: Path | None = None) -> dict:
-    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a BA run against ground truth.
+    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a video run (BA, SOLV) against
+    ground truth.
 
     Proposals, as the BA code evaluates them: every cluster, the background one too (the complement of the
     tracks; pseudo-labels leave it out). J&F follows davis2017-evaluation's unsupervised protocol: at most
@@ -166,8 +167,8 @@ def evaluate_video(cfg: Config, run_dir: Path | None = None) -> dict:
     }
     atomic_write_json(run_path / "metrics.json", result)
     print(
-        f"BA on {cfg.dataset.name}: J&F {100 * result['J&F']:.1f} (J {100 * j:.1f}, F {100 * f:.1f}), "
-        f"FG-ARI {100 * result['FG-ARI']:.1f}, mIoU {100 * result['mIoU']:.1f}",
+        f"{cfg.method.name} on {cfg.dataset.name}: J&F {100 * result['J&F']:.1f} (J {100 * j:.1f}, "
+        f"F {100 * f:.1f}), FG-ARI {100 * result['FG-ARI']:.1f}, mIoU {100 * result['mIoU']:.1f}",
         file=sys.stderr,
     )
     return result

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, replace, save_config
+from pipeline.config import METHODS, Config, replace, save_config
 from stages.common.io import atomic_write_json, read_json
 from stages.common.paths import resolve
 from stages.data.base import ImageRecord
@@ -21,19 +21,22 @@ from stages.features.backbone import (
     missing_weights_message,
 )
 
-# The config sections that shape each stage's outputs: image labels, video (BA) labels, the detector
-# trained on either, and BA's correlator.
+# The config sections that shape each stage's outputs: image labels, video labels (with the sections the
+# video method uses: BA's correlator, SOLV's model), the detector trained on either, and the trained models
+# of video methods (BA's correlator, SOLV's model: stages named after their section).
 IMAGE_LABELS = ("seed", "dataset", "backbone", "method", "refine", "run")
-VIDEO_LABELS = ("seed", "dataset", "backbone", "method", "correlator")
+VIDEO_LABELS = ("seed", "dataset", "backbone", "method")
+TRAINED_SECTIONS = ("correlator", "solv_model")
 
 
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
-    labels = VIDEO_LABELS if cfg.modality == "video" else IMAGE_LABELS
-    return {
-        "pseudolabels": labels,
-        "selftrain": (*labels, "train"),
-        "correlator": VIDEO_LABELS[:3] + ("correlator",),
-    }[stage]
+    if stage in TRAINED_SECTIONS:
+        return (*VIDEO_LABELS[:3], stage)
+    if cfg.modality == "video":
+        labels = (*VIDEO_LABELS, *getattr(METHODS.get(cfg.method.name), "uses", ()))
+    else:
+        labels = IMAGE_LABELS
+    return {"pseudolabels": labels, "selftrain": (*labels, "train")}[stage]
 
 
 # Keys that change how a run executes, not what it produces: they stay out of the run directory's hash.
@@ -51,6 +54,8 @@ EXECUTION_KEYS = (
     "train.num_gpus",
     "correlator.steps",  # more steps extend a training run
     "correlator.checkpoint_every",
+    "solv_model.checkpoint_every",
+    "solv_model.feature_cache_mb",
 )
 
 
