@@ -30,12 +30,12 @@ TRAINED_SECTIONS = ("correlator", "solv_model")
 
 
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
+    """The sections that shape ``stage``'s outputs: a video method's own and the sections it ``uses``; a
+    trained model's (BA's correlator, SOLV's solv_model) its own section's."""
     if stage in TRAINED_SECTIONS:
         return (*VIDEO_LABELS[:3], stage)
-    if cfg.modality == "video":
-        labels = (*VIDEO_LABELS, *getattr(METHODS.get(cfg.method.name), "uses", ()))
-    else:
-        labels = IMAGE_LABELS
+    uses = tuple(getattr(METHODS.get(cfg.method.name), "uses", ()))
+    labels = VIDEO_LABELS + uses if cfg.modality == "video" else IMAGE_LABELS
     return {"pseudolabels": labels, "selftrain": (*labels, "train")}[stage]
 
 

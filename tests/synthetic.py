@@ -281,3 +281,25 @@ def train_planted_solv(steps: int = 1100, seed: int = 0):
     finally:
         torch.set_num_threads(threads)
     return model.eval(), palette
+
+
+def single_object_video(
+    n_frames: int, size: tuple[int, int] = (64, 96), box: int = 32, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One bright textured square moving right 3 px a frame over a dark textured background (texture gives
+    optical flow something to follow). Returns the (H, W, 3) uint8 frames and (H, W) bool object masks."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    background = 40 + 25 * rng.random((h, w, 3))
+    texture = rng.random((box, box, 3))
+    frames, masks = [], []
+    for t in range(n_frames):
+        x = 4 + (3 * t) % max(1, w - box - 8)
+        y = (h - box) // 2
+        img = background.copy()
+        img[y : y + box, x : x + box] = 150 + 100 * texture * np.array([1.0, 0.3, 0.3])
+        mask = np.zeros((h, w), bool)
+        mask[y : y + box, x : x + box] = True
+        frames.append(img.astype(np.uint8))
+        masks.append(mask)
+    return frames, masks
