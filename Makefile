@@ -26,7 +26,8 @@ CLI = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
 RUN ?=
 EVAL_SELECT = $(if $(RUN),--run $(abspath $(RUN)),$(SELECT))
 
-.PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator test lint bench
+.PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator train-solv test lint \
+	bench
 
 install: $(STAMP)
 
@@ -64,6 +65,10 @@ selftrain: $(STAMP) $(DATA_DEPS)
 
 train-correlator: $(STAMP) $(DATA_DEPS)
 	$(CLI) train-correlator $(SELECT) $(OVERRIDES)
+
+# SOLV's model is trained with METHOD=solv whatever METHOD says (the method picks the reference backbone).
+train-solv: $(STAMP) $(DATA_DEPS)
+	$(CLI) train-solv --dataset $(DATASET) --method solv $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES)
 
 eval: $(STAMP) $(DATA_DEPS)
 	$(CLI) eval $(EVAL_SELECT) $(if $(MODEL),--model $(abspath $(MODEL))) $(OVERRIDES)

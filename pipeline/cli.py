@@ -43,8 +43,9 @@ def _eval(cfg, args) -> None:
         evaluate_video(cfg, args.run)
     else:
         raise RunError(
-            "give the detector directory to evaluate (make eval MODEL=runs/selftrain/.../round2), use "
-            "METHOD=ba for video metrics, or make eval-corloc for a pseudo-label run"
+            "give the detector directory to evaluate (make eval MODEL=runs/selftrain/.../round2), use a "
+            "video method (METHOD=ba, METHOD=solv) for video metrics, or make eval-corloc for a pseudo-label "
+            "run"
         )
 
 
@@ -52,6 +53,12 @@ def _train_correlator(cfg, args) -> None:
     from pipeline.train_correlator import train_correlator
 
     print(train_correlator(cfg))
+
+
+def _train_solv(cfg, args) -> None:
+    from pipeline.train_solv import train
+
+    print(train(cfg))
 
 
 def _selftrain(cfg, args) -> None:
@@ -64,8 +71,9 @@ COMMANDS = {
     "pseudolabels": (_pseudolabels, "discover objects and write a COCO pseudo-label file"),
     "eval-corloc": (_eval_corloc, "CorLoc of a pseudo-label run against the dataset's ground truth"),
     "selftrain": (_selftrain, "train a detector on the pseudo-labels, then self-train round after round"),
-    "eval": (_eval, "detector AP/AR and CorLoc (--model), or video J&F, FG-ARI and mIoU (--method ba)"),
+    "eval": (_eval, "detector AP/AR and CorLoc (--model), or video J&F, FG-ARI and mIoU (--method ba, solv)"),
     "train-correlator": (_train_correlator, "train BA's temporal correlator on a video dataset"),
+    "train-solv": (_train_solv, "train SOLV's model on a video dataset (--method solv)"),
 }
 
 

@@ -29,6 +29,7 @@ from stages.discovery.base import load_methods
 from stages.features.backbone import BackboneConfig
 from stages.refinement.refine import REFINERS, RefineConfig
 from stages.video.correlator import CorrelatorConfig
+from stages.video.solv_method import SOLVModelSection
 
 __all__ = ["CONFIG_DIR", "Config", "ConfigError", "load_config"]
 
@@ -66,6 +67,7 @@ class Config:
     run: RunConfig
     train: TrainConfig
     correlator: CorrelatorConfig
+    solv_model: SOLVModelSection
     seed: int = 0
     # Set by pipeline/resolve.py once weights and the other files a run reads are found; a run directory's
     # saved config.yaml is a resolved one. Not a setting: never in the YAML files nor in a run's hash.

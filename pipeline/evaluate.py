@@ -122,7 +122,8 @@ def predicted_ids(tracks: dict, video_id: int, shape: tuple[int, int, int]) -> n
 
 
 def evaluate_video(cfg: Config, run_dir: Path | None = None) -> dict:
-    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a BA run against ground truth.
+    """DAVIS J&F (sequence-level matching), FG-ARI and Hungarian mIoU of a video run (BA, SOLV) against
+    ground truth.
 
     Proposals, as the BA code evaluates them: every cluster, the background one too (the complement of the
     tracks; pseudo-labels leave it out). J&F follows davis2017-evaluation's unsupervised protocol: at most

@@ -1,6 +1,6 @@
 """Resolving a config once, at the entry point: concrete backbone weights, and the files of the sections a
-video method uses (BA's trained correlator), so that stages and workers get settings that name every file
-they read. Idempotent: resolving a resolved config changes nothing."""
+video method uses (BA's trained correlator, SOLV's trained model), so that stages and workers get settings
+that name every file they read. Idempotent: resolving a resolved config changes nothing."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from collections.abc import Callable
 from pipeline.config import METHODS, Config, replace
 from pipeline.runs import resolve_backbone
 from pipeline.train_correlator import resolve_correlator
+from pipeline.train_solv import resolve_solv_model
 
 # Config sections a method may use (VideoMethod.uses) -> how their files are found (sections that name no
 # file, such as 'refine', need none).
-SECTION_RESOLVERS: dict[str, Callable[[Config], Config]] = {"correlator": resolve_correlator}
+SECTION_RESOLVERS: dict[str, Callable[[Config], Config]] = {
+    "correlator": resolve_correlator,
+    "solv_model": resolve_solv_model,
+}
 
 
 def resolve(cfg: Config) -> Config:

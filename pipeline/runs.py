@@ -21,21 +21,22 @@ from stages.features.backbone import (
     missing_weights_message,
 )
 
-# The config sections that shape each stage's outputs: image labels, video (BA) labels, the detector
-# trained on either, and BA's correlator.
+# The config sections that shape each stage's outputs: image labels, video labels (with the sections the
+# video method uses: BA's correlator, SOLV's model), the detector trained on either, and the trained models
+# of video methods (BA's correlator, SOLV's model: stages named after their section).
 IMAGE_LABELS = ("seed", "dataset", "backbone", "method", "refine", "run")
-VIDEO_LABELS = ("seed", "dataset", "backbone", "method", "correlator")
+VIDEO_LABELS = ("seed", "dataset", "backbone", "method")
+TRAINED_SECTIONS = ("correlator", "solv_model")
 
 
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
-    """The sections that shape ``stage``'s outputs; a video method's also the sections it ``uses``."""
+    """The sections that shape ``stage``'s outputs: a video method's own and the sections it ``uses``; a
+    trained model's (BA's correlator, SOLV's solv_model) its own section's."""
+    if stage in TRAINED_SECTIONS:
+        return (*VIDEO_LABELS[:3], stage)
     uses = tuple(getattr(METHODS.get(cfg.method.name), "uses", ()))
     labels = VIDEO_LABELS + uses if cfg.modality == "video" else IMAGE_LABELS
-    return {
-        "pseudolabels": labels,
-        "selftrain": (*labels, "train"),
-        "correlator": VIDEO_LABELS[:3] + ("correlator",),
-    }[stage]
+    return {"pseudolabels": labels, "selftrain": (*labels, "train")}[stage]
 
 
 # Keys that change how a run executes, not what it produces: they stay out of the run directory's hash.
@@ -53,6 +54,8 @@ EXECUTION_KEYS = (
     "train.num_gpus",
     "correlator.steps",  # more steps extend a training run
     "correlator.checkpoint_every",
+    "solv_model.checkpoint_every",
+    "solv_model.feature_cache_mb",
 )
 
 

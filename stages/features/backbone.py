@@ -1,8 +1,8 @@
 """Frozen self-supervised ViT backbones (DINO, DINOv2) through timm, loaded only from local weights.
 
 One forward pass returns what the discovery methods need from the last block: keys (always), and on
-request queries, values, its attention maps and the final tokens. Any input size works: the position
-embedding is resized to the patch grid.
+request queries, values, its attention maps, the final tokens and the last block's output before the final
+norm (SOLV's features). Any input size works: the position embedding is resized to the patch grid.
 """
 
 from __future__ import annotations
@@ -228,6 +228,9 @@ class ViTFeatures:
     values: torch.Tensor | None = None
     attention: torch.Tensor | None = None  # (B, heads, 1 + h*w, 1 + h*w)
     tokens: torch.Tensor | None = None  # (B, 1 + h*w, C): the final, normalised output tokens
+    block_output: torch.Tensor | None = (
+        None  # (B, 1 + h*w, C): the last block's output, before the final norm
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -296,7 +299,7 @@ class Backbone:
                 x = block(x)
             feats = self._last_block(x, grid, want)
         # Callers always get float32: the graphs and clusterings downstream are built in float32.
-        for name in ("keys", "queries", "values", "attention", "tokens"):
+        for name in ("keys", "queries", "values", "attention", "tokens", "block_output"):
             if getattr(feats, name) is not None:
                 setattr(feats, name, getattr(feats, name).float())
         return feats
@@ -317,8 +320,12 @@ class Backbone:
             feats.values = _merge_heads(v)
         if "attention" in want:
             feats.attention = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        if "tokens" in want:
-            feats.tokens = self.model.norm(block(x))
+        if "tokens" in want or "block_output" in want:
+            out = block(x)
+            if "block_output" in want:
+                feats.block_output = out
+            if "tokens" in want:
+                feats.tokens = self.model.norm(out)
         return feats
 
 
