@@ -213,11 +213,18 @@ def load_config(
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     """The config a run directory was made with (its config.yaml, resolved when it was saved), with
-    ``key=value`` overrides on top (e.g. run.workers=2). ConfigError when the directory holds no config."""
+    ``key=value`` overrides on top (e.g. run.workers=2). A key added to the project after the run was saved
+    takes today's default (defaults.yaml, then the method's file). ConfigError when the directory holds no
+    config."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
-    data = _read_yaml(path)
+    saved = _read_yaml(path)
+    data = _read_yaml(CONFIG_DIR / "defaults.yaml")
+    method = saved.get("method", {}).get("name") if isinstance(saved.get("method"), dict) else None
+    if method in available("methods"):
+        data = merge(data, _named_yaml("methods", method))
+    data = merge(data, saved)
     for text in overrides:
         data = merge(data, parse_override(text))
     return build(data)

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import pipeline.config
@@ -215,3 +216,16 @@ def test_the_readme_python_example_runs(capsys, monkeypatch):
     exec(compile(example, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert printed and all(line.startswith("box at (") for line in printed)
+
+
+def test_a_run_saved_before_a_config_key_existed_still_loads(first_run, tmp_path):
+    _, path = first_run
+    old = tmp_path / "old-run"
+    old.mkdir()
+    saved = (path.parent / "config.yaml").read_text()
+    # As if saved before the 'correlator' section and the run's shard_retries key existed.
+    data = yaml.safe_load(saved)
+    del data["correlator"], data["run"]["shard_retries"]
+    (old / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_run_config(old)
+    assert cfg.run.shard_retries == load_config().run.shard_retries and cfg.method.name == "planted_box"
