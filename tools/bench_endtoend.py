@@ -7,9 +7,9 @@ its default refinement, on the demo photos (``data/demo``), beside the backbone 
 Per method: the parts timed apart (resize, backbone, graph + eigensolve, refinement, export), end to end in
 the model worker as before (refinement in turn) and with ``run.refine_processes=1`` (the masks refined in
 another process while the backbone runs the next image), each as a ratio to the backbone pass alone. Then
-the pipeline's Ray stage for MaskCut on the demo photos (each twice): images/s with 2 workers against 1,
-with and without a refinement process per worker. Times are per image, the shortest of a few passes over
-all photos after a warm-up pass (other work on a shared machine only ever adds time).
+the pipeline's Ray stage for MaskCut on the demo photos (shards of one image): images/s with 2 workers
+against 1, with and without a refinement process per worker. Times are per image, the shortest of a few
+passes over all photos after a warm-up pass (other work on a shared machine only ever adds time).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from stages.discovery.base import load_methods
 from stages.features.backbone import network_image, prepare_image
 from stages.pseudolabels import Discoverer, to_pixels
 
-REPS = 3
+REPS = 2
 
 
 def _best_per_image(fn, n: int, reps: int = REPS) -> float:
@@ -136,36 +136,34 @@ def ray_lines(records: list[ImageRecord]) -> list[str]:
     from tools.bench import _steady_rate
 
     cfg = resolve_backbone(load_config("demo", "maskcut"))
-    items = records * 2
-    items = [ImageRecord(i, r.file_name, r.path) for i, r in enumerate(items)]
-    shards = [items[i : i + 2] for i in range(0, len(items), 2)]
+    items = [ImageRecord(i, r.file_name, r.path) for i, r in enumerate(records)]
+    shards = [[item] for item in items]
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=100 * 2**20)
     rates: dict[tuple[int, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for attempt in range(2):  # interleaved, best of two: background load hits every setting alike
-            for processes in (0, 1):
-                for workers in (1, 2):
-                    factory = functools.partial(
-                        make_worker,
-                        cfg.backbone,
-                        cfg.seed,
-                        cfg.method,
-                        cfg.refine,
-                        cfg.run.max_patches,
-                        frozenset(),
-                        processes,
-                    )
-                    out = Path(tmp) / f"{attempt}-{processes}-{workers}"
-                    out.mkdir()
-                    stage = ShardedStage(
-                        f"{workers} worker(s)", shards, functools.partial(_stamped_worker, factory), out
-                    )
-                    report = run_shards(stage, workers, 1, False, retries=0)
-                    key = (processes, workers)
-                    rates[key] = max(rates.get(key, 0.0), _steady_rate(report.stats))
+        for processes in (0, 1):
+            for workers in (1, 2):
+                factory = functools.partial(
+                    make_worker,
+                    cfg.backbone,
+                    cfg.seed,
+                    cfg.method,
+                    cfg.refine,
+                    cfg.run.max_patches,
+                    frozenset(),
+                    processes,
+                )
+                out = Path(tmp) / f"{processes}-{workers}"
+                out.mkdir()
+                stage = ShardedStage(
+                    f"{workers} worker(s)", shards, functools.partial(_stamped_worker, factory), out
+                )
+                report = run_shards(stage, workers, 1, False, retries=0)
+                key = (processes, workers)
+                rates[key] = _steady_rate(report.stats)
     ray.shutdown()
     return [
-        f"Ray, MaskCut on {len(items)} demo images ({len(shards)} shards of 2), 1 torch thread per worker, "
+        f"Ray, MaskCut on {len(items)} demo images (shards of one), 1 torch thread per worker, "
         f"while all workers run:",
         *(
             f"  run.refine_processes={p}: 1 worker {rates[(p, 1)]:.2f} img/s, 2 workers {rates[(p, 2)]:.2f} "
@@ -175,8 +173,8 @@ def ray_lines(records: list[ImageRecord]) -> list[str]:
     ]
 
 
-def main() -> list[str]:
-    """The section's lines (``python -m tools.bench endtoend``)."""
+def main(show=lambda line: None) -> list[str]:
+    """The section's lines (``python -m tools.bench endtoend``); ``show`` gets each as soon as it is known."""
     records = image_listing(load_config("demo", "maskcut").dataset).records
     images = [load_rgb(Path(r.path)) for r in records]
     cfg = load_config("demo", "maskcut")
@@ -184,9 +182,11 @@ def main() -> list[str]:
     with refine_pool(1, cfg.backbone, cfg.refine) as pool:
         for name in _image_methods():
             lines += method_lines(name, images, pool)
+            [show(line) for line in lines[-2:]]
     lines += ray_lines(records)
+    [show(line) for line in lines[-3:]]
     return lines
 
 
 if __name__ == "__main__":
-    print("\n".join(main()))
+    main(functools.partial(print, flush=True))
