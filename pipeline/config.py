@@ -49,11 +49,12 @@ class RunConfig:
     overlays: int  # write PNG overlays for the first this-many images
     max_patches: int  # images whose patch grid is larger are skipped as 'huge'
     shard_retries: int  # times a shard whose worker process died is run again on another actor
+    refine_processes: int  # per model worker, processes refining masks while it runs the next batch; 0: none
 
     def validate(self, key: str) -> None:
         for name in ("shard_size", "threads_per_worker", "object_store_mb", "max_patches"):
             positive(f"{key}.{name}", getattr(self, name))
-        for name in ("workers", "overlays", "shard_retries"):
+        for name in ("workers", "overlays", "shard_retries", "refine_processes"):
             if getattr(self, name) < 0:
                 fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import multiprocessing
+import signal
 import sys
 import time
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ from stages.data.datasets import ImageRecord, image_listing
 from stages.data.videos import VideoRecord, frame_records, list_videos
 from stages.features.backbone import BackboneConfig, resolve_device
 from stages.pseudolabels import Discoverer, pair_names, run_pairs, run_shard, run_video, validate_video_shard
-from stages.refinement.refine import RefineConfig
+from stages.refinement.refine import RefineConfig, refine_backend
 from stages.video.base import PairCache
 
 OUTPUT = "pseudolabels.json"
@@ -33,6 +37,28 @@ def code_version(cfg: Config) -> str:
     return f"{cfg.method.name} v{METHODS.get(cfg.method.name).version}"
 
 
+def _refine_process_init() -> None:
+    """In each refinement process: one torch thread, and die with the model worker that started it (Linux:
+    PR_SET_PDEATHSIG), so a killed or replaced Ray actor leaves no process behind."""
+    import torch
+
+    torch.set_num_threads(1)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def refine_pool(processes: int, backbone: BackboneConfig, refine: RefineConfig) -> Executor | None:
+    """The processes that refine a model worker's masks while its backbone runs the next batch
+    (``run.refine_processes``); None (refine in the worker itself) for 0, or when refinement runs on the
+    worker's GPU (``refine.backend``: torch on CUDA)."""
+    device = resolve_device(backbone.device)
+    if processes == 0 or (device.type == "cuda" and refine_backend(refine.backend, device) == "torch"):
+        return None
+    # spawn: a Ray actor has threads (Ray's, torch's), which fork would copy in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(processes, mp_context=context, initializer=_refine_process_init)
+
+
 def make_worker(
     backbone: BackboneConfig,
     seed: int,
@@ -40,10 +66,12 @@ def make_worker(
     refine: RefineConfig,
     max_patches: int,
     overlay_ids: frozenset[int],
+    refine_processes: int = 0,
 ):
-    """Built inside each Ray actor: loads the backbone once, then runs shards. It gets no output path: its
-    results (shard data, overlay PNGs) go back to the driver."""
-    discoverer = Discoverer.from_config(load_backbone(backbone, seed), method, refine, max_patches)
+    """Built inside each Ray actor: loads the backbone once (and starts its refinement processes), then runs
+    shards. Neither gets an output path: the results (shard data, overlay PNGs) go back to the driver."""
+    pool = refine_pool(refine_processes, backbone, refine)
+    discoverer = Discoverer.from_config(load_backbone(backbone, seed), method, refine, max_patches, pool)
 
     def work(index: int, records: list[ImageRecord]) -> ShardOutput:
         start = time.perf_counter()
@@ -58,7 +86,14 @@ def image_stage(cfg: Config, run_dir: RunDir, records: list[ImageRecord]) -> Sha
     """The discovery stage of ``cfg`` over ``records``, writing into ``run_dir``."""
     overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
     factory = functools.partial(
-        make_worker, cfg.backbone, cfg.seed, cfg.method, cfg.refine, cfg.run.max_patches, overlay_ids
+        make_worker,
+        cfg.backbone,
+        cfg.seed,
+        cfg.method,
+        cfg.refine,
+        cfg.run.max_patches,
+        overlay_ids,
+        cfg.run.refine_processes,
     )
     return ShardedStage(
         name=cfg.method.name,

@@ -50,6 +50,7 @@ EXECUTION_KEYS = (
     "run.object_store_mb",
     "run.overlays",
     "run.shard_retries",
+    "run.refine_processes",  # the refinement is the same wherever it runs
     "train.rounds",  # more rounds extend a run; earlier rounds stay valid
     "train.num_gpus",
     "correlator.steps",  # more steps extend a training run

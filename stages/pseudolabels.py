@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from stages.data.videos import VideoRecord
 from stages.discovery.base import ImageMethod, PatchFeatures, load_methods
 from stages.discovery.ncut import patch_box
 from stages.features.backbone import Backbone, ViTFeatures, input_size, network_image, prepare_image
-from stages.refinement.refine import RefineConfig, refine_mask
+from stages.refinement.refine import RefineConfig, refine_masks
 from stages.video.base import VideoMethod
 
 
@@ -41,25 +42,27 @@ def to_pixels(
     patch: int,
     refine: str,
     cfg: RefineConfig,
+    device: str | torch.device = "cpu",
 ) -> ImageObjects:
     """Patch masks -> boxes and refined masks at the original image size.
 
     ``work_rgb`` is the image the network saw before padding (``network_image``). Masks are upsampled to it,
-    refined there, then resized to the original size; boxes follow SPEC ([xmin*p, ymin*p, (xmax+1)*p,
-    (ymax+1)*p], clipped) and are scaled the same way.
+    refined there (on ``device`` when ``cfg.backend`` picks torch there), then resized to the original size;
+    boxes follow SPEC ([xmin*p, ymin*p, (xmax+1)*p, (ymax+1)*p], clipped) and are scaled the same way.
     """
     height, width = rgb.shape[:2]
     work_h, work_w = work_rgb.shape[:2]
     sx, sy = width / work_w, height / work_h
     out = ImageObjects([], [])
+    pixel_masks = []
     for mask in patch_masks:
         if not mask.any():  # a method's "no object here" (e.g. its no-object rule): nothing to box
             continue
         x0, y0, x1, y1 = patch_box(mask, patch)
         x1, y1 = min(x1, work_w), min(y1, work_h)
         out.boxes.append([x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy])
-        pixels = mask.repeat(patch, axis=0).repeat(patch, axis=1)[:work_h, :work_w]
-        refined = refine_mask(work_rgb, pixels, refine, cfg)
+        pixel_masks.append(mask.repeat(patch, axis=0).repeat(patch, axis=1)[:work_h, :work_w])
+    for refined in refine_masks(work_rgb, pixel_masks, refine, cfg, device):
         if refined is not None and refined.any():
             out.masks.append(_resize_mask(refined, height, width))
     return out
@@ -80,10 +83,19 @@ class Discoverer:
     """Holds the backbone and a registered image method built from its config; turns images into objects.
 
     ``method_cfg`` is the method's config section: its ``resize`` and ``refine`` are the stage's settings.
+    ``refine_pool``: where the refinement runs (``to_pixels`` calls submitted to it, e.g. a process pool),
+    so that the backbone pass of the next batch overlaps it; None refines in this process, in turn. Either
+    way the objects are the same.
     """
 
     def __init__(
-        self, backbone: Backbone, method: ImageMethod, method_cfg: Any, refine: RefineConfig, max_patches: int
+        self,
+        backbone: Backbone,
+        method: ImageMethod,
+        method_cfg: Any,
+        refine: RefineConfig,
+        max_patches: int,
+        refine_pool: Executor | None = None,
     ):
         self.backbone = backbone
         self.method = method
@@ -91,15 +103,21 @@ class Discoverer:
         self.refiner = method_cfg.refine
         self.refine = refine
         self.max_patches = max_patches
+        self.refine_pool = refine_pool
         self.want = ("keys", *method.needs)
 
     @classmethod
     def from_config(
-        cls, backbone: Backbone, method_cfg: Any, refine: RefineConfig, max_patches: int
+        cls,
+        backbone: Backbone,
+        method_cfg: Any,
+        refine: RefineConfig,
+        max_patches: int,
+        refine_pool: Executor | None = None,
     ) -> Discoverer:
         """The discoverer of the registered image method ``method_cfg.name``, built from its section."""
         method = load_methods().get(method_cfg.name).from_config(method_cfg)
-        return cls(backbone, method, method_cfg, refine, max_patches)
+        return cls(backbone, method, method_cfg, refine, max_patches, refine_pool)
 
     def check(self, rgb: np.ndarray) -> None:
         """Raise BadImage for images too small or too large for the patch graph."""
@@ -123,14 +141,15 @@ class Discoverer:
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, t in enumerate(tensors):
             by_size.setdefault(tuple(t.shape), []).append(i)
-        results: list[ImageObjects | BadImage | None] = [None] * len(images)
+        results: list[ImageObjects | BadImage | Future | None] = [None] * len(images)
         for indices in by_size.values():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start : start + batch_size]
                 feats = self.backbone(torch.stack([tensors[i] for i in chunk]), want=self.want)
                 for b, i in enumerate(chunk):
                     results[i] = self._objects(images[i], self._features(feats, b, works[i]))
-        return results
+        # A refinement that raised raises here, as it would have in this process.
+        return [r.result() if isinstance(r, Future) else r for r in results]
 
     def _features(self, feats: ViTFeatures, b: int, work: np.ndarray) -> PatchFeatures:
         """Image ``b`` of a batch's features, as the method takes them."""
@@ -151,12 +170,16 @@ class Discoverer:
             tokens=one(feats.tokens),
         )
 
-    def _objects(self, rgb: np.ndarray, feats: PatchFeatures) -> ImageObjects | BadImage:
+    def _objects(self, rgb: np.ndarray, feats: PatchFeatures) -> ImageObjects | BadImage | Future:
+        """The image's objects, or the future ones when refinement runs in ``refine_pool``."""
         try:
             masks = self.method(feats)
         except np.linalg.LinAlgError as e:  # a degenerate graph LAPACK cannot solve: this image only
             return BadImage(f"eigensolver failed: {e}")
-        return to_pixels(rgb, feats.image, masks, self.backbone.patch, self.refiner, self.refine)
+        args = (rgb, feats.image, masks, self.backbone.patch, self.refiner, self.refine, self.backbone.device)
+        if self.refine_pool is None:
+            return to_pixels(*args)
+        return self.refine_pool.submit(to_pixels, *args)
 
 
 def run_shard(

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from pipeline.config import load_config
 from stages.refinement.bilateral_solver import bilateral_solve
-from stages.refinement.refine import RefineConfig, largest_component, mask_iou, refine_mask
+from stages.refinement.refine import (
+    RefineConfig,
+    largest_component,
+    mask_iou,
+    refine_backend,
+    refine_mask,
+    refine_masks,
+)
 
 H, W = 160, 192
 PATCH = 16
@@ -56,14 +65,17 @@ def test_refinement_snaps_coarse_mask_to_the_edge(cfg, method, make_coarse):
     assert mask_iou(refined, obj) > coarse_iou + 0.05
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("method", ["crf", "bilateral"])
-def test_rejects_a_mask_that_refinement_erases(cfg, method):
+def test_rejects_a_mask_that_refinement_erases(cfg, method, backend):
     # Noise-free, so every bilateral-grid vertex is exactly one 16x16 spatial cell of one colour. A 10x10
     # square (100 px) in the background, away from the disc and the borders, covers less than half of every
     # cell it touches (>= 256 px each), so every vertex's mean target is < 0.5; the solver's output is a
     # weighted average of those means, hence < 0.5 everywhere: the refined mask is empty, IoU 0 < min_iou.
     # For the CRF, the square is tiny next to the bilateral kernel (sxy 50) over a uniform background, whose
     # pull towards background outweighs the weak softmax unary.
+    # Both backends (the torch versions on the CPU here) apply the same rule.
+    cfg = dataclasses.replace(cfg, backend=backend)
     image, obj = scene(noise=0.0)
     bad = np.zeros_like(obj)
     bad[20:30, 150:160] = True
@@ -73,6 +85,32 @@ def test_rejects_a_mask_that_refinement_erases(cfg, method):
     # The same image with a good mask keeps its refinement.
     good = refine_mask(image, obj, method, cfg)
     assert good is not None and mask_iou(good, obj) > 0.95
+    # Refined together (the torch version as one batch), each mask gets its own decision, in order.
+    kept, rejected, kept_too = refine_masks(image, [obj, bad, obj], method, cfg)
+    assert rejected is None and np.array_equal(kept, good) and np.array_equal(kept_too, good)
+
+
+@pytest.mark.parametrize("method", ["crf", "bilateral"])
+def test_torch_backend_snaps_like_the_reference(cfg, method):
+    image, obj = scene(noise=4.0)
+    coarse = [shifted(obj), blocky(obj)]
+    reference = refine_masks(image, coarse, method, dataclasses.replace(cfg, backend="reference"))
+    torch_cpu = refine_masks(image, coarse, method, dataclasses.replace(cfg, backend="torch"))
+    for ref, tor in zip(reference, torch_cpu, strict=True):
+        assert (
+            tor is not None and tor.dtype == bool and mask_iou(tor, ref) > 0.99 and mask_iou(tor, obj) > 0.95
+        )
+
+
+def test_auto_backend_is_torch_on_cuda_and_the_reference_on_cpu():
+    assert refine_backend("auto", "cpu") == "reference"
+    assert refine_backend("auto", "cuda") == "torch" and refine_backend("auto", "cuda:1") == "torch"
+    assert refine_backend("torch", "cpu") == "torch" and refine_backend("reference", "cuda") == "reference"
+
+
+def test_unknown_backend_is_a_config_error():
+    with pytest.raises(ValueError, match="refine.backend"):
+        load_config(overrides=["refine.backend=gpu"])
 
 
 def test_none_is_identity(cfg):

@@ -180,3 +180,14 @@ def test_discovery_boxes_are_mapped_back_from_the_resized_image(images, first_ru
     finally:
         torch.set_num_threads(threads)
     assert any(box[0] > 0 or box[2] < 128 for box in checked)  # some box where the x scale shows
+
+
+def test_refinement_in_processes_writes_identical_labels(images, first_run, tmp_path):
+    # Masks leave the model worker and are refined in its refinement processes, while the backbone runs on.
+    args = [*overrides(images, tmp_path), "run.refine_processes=1"]
+    path = run(load_config("imagefolder", "maskcut", args))
+    _, reference = first_run
+    assert path.parent.name == reference.parent.name  # same run, executed differently: same directory name
+    assert path.read_bytes() == reference.read_bytes()
+    overlays = [sorted((p.parent / "overlays").glob("*.png")) for p in (path, reference)]
+    assert [p.read_bytes() for p in overlays[0]] == [p.read_bytes() for p in overlays[1]]

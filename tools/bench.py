@@ -13,6 +13,9 @@ Sections (``python -m tools.bench [section ...]``; all by default):
   solv       SOLV training steps/s and inference frames/s at the paper's sizes (tools/bench_solv.py)
   refine     torch dense CRF and bilateral solver vs the references on real photos: parity, time per mask
   methods    images/s of every image discovery method (tools/bench_methods.py), one synthetic workload
+  endtoend   every registered image method end to end per image on the demo photos with its default
+             backbone and refinement vs the backbone pass alone, its parts, refinement in another process;
+             Ray 2 workers vs 1 (tools/bench_endtoend.py)
   vitdet     R50 (random init) vs ViTDet (DINOv2 init) trained on MaskCut's labels of real photos for the
              same CPU time, then self-trained: AP50 and CorLoc (tools/bench_vitdet.py; about 2 hours)
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
@@ -446,6 +449,12 @@ def methods() -> list[str]:
     return main()
 
 
+def endtoend() -> list[str]:
+    from tools.bench_endtoend import main
+
+    return main()
+
+
 def vitdet() -> list[str]:
     from tools.bench_vitdet import section
 
@@ -462,6 +471,7 @@ SECTIONS = {
     "solv": solv,
     "refine": refine,
     "methods": methods,
+    "endtoend": endtoend,
     "vitdet": vitdet,
 }
 

@@ -1,16 +1,25 @@
 """Mask refinement: snap coarse (patch-level) masks to image edges with a dense CRF or the bilateral solver.
 
 A refinement that changes the mask too much is rejected (SPEC "Refinement"): the caller writes nothing.
+Each refiner has its reference implementation (pydensecrf, scipy) and, for the CRF and the bilateral solver,
+a torch one (``dense_crf_torch.py``, ``bilateral_solver_torch.py``) that runs on the device it is given;
+``refine.backend`` picks one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
+import torch
 from scipy import ndimage
 
 from stages.common.masks import mask_iou
 from stages.common.registry import Registry
 from stages.common.schema import fail, positive, section
+from stages.refinement import bilateral_solver_torch, dense_crf_torch
 from stages.refinement.bilateral_solver import BilateralConfig, bilateral_solve
 
 
@@ -31,6 +40,8 @@ class CrfConfig:
 @section
 class RefineConfig:
     min_iou: float  # reject a refined mask whose IoU with the raw mask is below this
+    # auto: torch on a CUDA device, the reference on CPU (the reference's outputs are the demo's bytes)
+    backend: Literal["auto", "reference", "torch"]
     crf: CrfConfig
     bilateral: BilateralConfig
 
@@ -41,9 +52,21 @@ class RefineConfig:
         self.bilateral.validate(f"{key}.bilateral")
 
 
-# name -> refiner: (HxWx3 uint8 RGB, HxW bool coarse mask, RefineConfig) -> HxW bool refined mask.
-# A method's config names one (``method.refine``).
-REFINERS: Registry = Registry("refinement")
+@dataclass(frozen=True)
+class Refiner:
+    """A registered refinement.
+
+    ``reference``: (HxWx3 uint8 RGB, HxW bool coarse mask, RefineConfig) -> HxW bool refined mask (numpy).
+    ``torch``: (HxWx3 uint8 tensor, (B, H, W) bool masks, RefineConfig) -> (B, H, W) bool, on the inputs'
+    device; None when the refiner has no torch version (then the reference runs whatever the backend).
+    """
+
+    reference: Callable[[np.ndarray, np.ndarray, RefineConfig], np.ndarray]
+    torch: Callable[[torch.Tensor, torch.Tensor, RefineConfig], torch.Tensor] | None = None
+
+
+# name -> Refiner. A method's config names one (``method.refine``).
+REFINERS: Registry[Refiner] = Registry("refinement")
 
 
 def _check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
@@ -64,19 +87,31 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (np.argmax(sizes) + 1)
 
 
-@REFINERS.register("crf")
-def _crf(image: np.ndarray, mask: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    return crf_refine(image, mask, cfg.crf)
+REFINERS.register("crf")(
+    Refiner(
+        reference=lambda image, mask, cfg: crf_refine(image, mask, cfg.crf),
+        torch=lambda image, masks, cfg: dense_crf_torch.crf_refine(image, masks, cfg.crf),
+    )
+)
+REFINERS.register("bilateral")(
+    Refiner(
+        reference=lambda image, mask, cfg: bilateral_refine(image, mask, cfg.bilateral),
+        torch=lambda image, masks, cfg: bilateral_solver_torch.bilateral_refine(image, masks, cfg.bilateral),
+    )
+)
+REFINERS.register("none")(Refiner(reference=lambda image, mask, cfg: mask))
 
 
-@REFINERS.register("bilateral")
-def _bilateral(image: np.ndarray, mask: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    return bilateral_refine(image, mask, cfg.bilateral)
+def refine_backend(backend: str, device: str | torch.device) -> str:
+    """The implementation ``refine.backend`` picks on ``device``: 'torch' or 'reference'.
 
-
-@REFINERS.register("none")
-def _unrefined(image: np.ndarray, mask: np.ndarray, cfg: RefineConfig) -> np.ndarray:
-    return mask
+    'auto' is torch on CUDA (where the references, single-threaded on the CPU, would keep the GPU waiting)
+    and the reference on a CPU: there the torch versions are faster per mask (README "Performance") but
+    not bit-identical, and the reference keeps every output as it was.
+    """
+    if backend == "auto":
+        return "torch" if torch.device(device).type == "cuda" else "reference"
+    return backend
 
 
 def crf_refine(image: np.ndarray, mask: np.ndarray, cfg: CrfConfig) -> np.ndarray:
@@ -130,16 +165,45 @@ def bilateral_refine(image: np.ndarray, mask: np.ndarray, cfg: BilateralConfig) 
     return largest_component(ndimage.binary_fill_holes(solved > 0.5))
 
 
-def refine_mask(image: np.ndarray, mask: np.ndarray, method: str, cfg: RefineConfig) -> np.ndarray | None:
-    """Refine a coarse mask with the refiner registered as ``method`` (REFINERS: 'crf', 'bilateral',
-    'none').
+def refine_masks(
+    image: np.ndarray,
+    masks: list[np.ndarray],
+    method: str,
+    cfg: RefineConfig,
+    device: str | torch.device = "cpu",
+) -> list[np.ndarray | None]:
+    """Refine coarse masks of one image with the refiner registered as ``method`` (REFINERS: 'crf',
+    'bilateral', 'none'), by the implementation ``cfg.backend`` picks on ``device`` (``refine_backend``).
 
-    Returns the refined HxW bool mask, the input unchanged for 'none', or None when the refinement is
-    rejected because IoU(raw, refined) < ``cfg.min_iou``. Raises ConfigError for an unknown refiner.
+    Args:
+        image: HxWx3 uint8 RGB.
+        masks: HxW bool coarse masks.
+    Returns:
+        per mask: the refined HxW bool mask, the input unchanged for 'none', or None when the refinement is
+        rejected because IoU(raw, refined) < ``cfg.min_iou``. The torch version refines the image's masks
+        as one batch (its lattices or grid built once).
+    Raises:
+        ConfigError for an unknown refiner; ValueError for inputs of the wrong shape or type.
     """
     refiner = REFINERS.get(method)
-    _check_inputs(image, mask)
-    refined = refiner(image, mask, cfg)
-    if refined is mask:  # 'none': nothing was changed, so there is nothing to reject
-        return mask
-    return refined if mask_iou(mask, refined) >= cfg.min_iou else None
+    for mask in masks:
+        _check_inputs(image, mask)
+    if not masks:
+        return []
+    if refiner.torch is not None and refine_backend(cfg.backend, device) == "torch":
+        batch = torch.from_numpy(np.stack(masks)).to(device)
+        refined = list(refiner.torch(torch.from_numpy(image).to(device), batch, cfg).cpu().numpy())
+    else:
+        refined = [refiner.reference(image, mask, cfg) for mask in masks]
+    # 'none' returns its input: nothing was changed, so there is nothing to reject.
+    return [
+        new if new is old or mask_iou(old, new) >= cfg.min_iou else None
+        for old, new in zip(masks, refined, strict=True)
+    ]
+
+
+def refine_mask(
+    image: np.ndarray, mask: np.ndarray, method: str, cfg: RefineConfig, device: str | torch.device = "cpu"
+) -> np.ndarray | None:
+    """``refine_masks`` of one mask: the refined HxW bool mask, the input for 'none', or None if rejected."""
+    return refine_masks(image, [mask], method, cfg, device)[0]
