@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.export import FOREGROUND
+from stages.common.io import BadImage, image_size, is_image_name
 from stages.common.paths import resolve
-from stages.data.base import DATASET_KINDS, DatasetConfig, DatasetKind, ImageRecord, Listing, dataset_kind
 from stages.data.annotations import (
     DatasetError,
     Problems,
@@ -26,8 +26,7 @@ from stages.data.annotations import (
     read_json_file,
     voc_objects,
 )
-from stages.common.io import BadImage, image_size, is_image_name
-
+from stages.data.base import DATASET_KINDS, DatasetConfig, DatasetKind, ImageRecord, Listing, dataset_kind
 
 
 def _existing(path: str, what: str, hint: str = "") -> Path:

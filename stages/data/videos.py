@@ -15,6 +15,9 @@ import numpy as np
 from PIL import Image
 
 from stages.common import rle
+from stages.common.export import coco_file, mask_annotation
+from stages.common.io import is_image_name
+from stages.common.paths import resolve
 from stages.data.annotations import (
     DatasetError,
     Problems,
@@ -22,10 +25,7 @@ from stages.data.annotations import (
     read_json_file,
     segmentation_problem,
 )
-from stages.common.paths import resolve
 from stages.data.base import DATASET_KINDS, DatasetConfig, DatasetKind, ImageRecord, Listing, dataset_kind
-from stages.common.export import coco_file, mask_annotation
-from stages.common.io import is_image_name
 
 DAVIS_RES = "480p"  # the DAVIS layout's resolution folder
 DAVIS_VOID = 255  # DAVIS's label of pixels that count nowhere (object borders, unclear regions)
@@ -285,7 +285,8 @@ class Davis(VideoKind):
             missing = [p.name for p in _davis_masks(cfg, video) if not p.is_file()]
             if missing:
                 problems.add(
-                    video.name, f"no mask for {len(missing)} of {len(video.frames)} frames (e.g. {missing[:3]})"
+                    video.name,
+                    f"no mask for {len(missing)} of {len(video.frames)} frames (e.g. {missing[:3]})",
                 )
         problems.raise_any()
 
