@@ -172,9 +172,10 @@ def annotated_ground_truth(cfg: Config) -> dict:
 def run(minutes: float, out: Path | None = None) -> list[str]:
     """Train and evaluate both detectors; returns the report lines. ``out``: keep the training runs there
     (and resume them), else they go to a temporary directory removed at the end."""
+    from pipeline import pseudolabels, selftrain
     from pipeline.evaluate import eval_corloc
     from pipeline.runs import RunError, resolve_backbone
-    from tools import photos_data, pseudolabels, selftrain
+    from tools import photos_data
 
     photos_data.make_photos(REPO / "data")
     base = resolve_backbone(load_config("photos", "maskcut", preset="cpu-tiny"))
