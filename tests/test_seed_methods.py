@@ -108,3 +108,15 @@ def test_votecut_scores_are_vote_shares():
     assert all(isinstance(v, ScoredMask) for v in voted)
     assert [(v.mask == m).all() for v, m in zip(voted, (a, b), strict=True)] == [True, True]
     assert [v.score for v in voted] == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("method", ["maskcut", "tokencut"])
+def test_the_rule_is_an_option_of_the_existing_methods(method, dinov2_weights):
+    # The issue's case: a uniform grey 320x240 image gets masks by default (the papers' behaviour, kept),
+    # and none with method.no_object=0.8.
+    from pipeline import discover
+
+    grey = np.full((240, 320, 3), 128, np.uint8)
+    settings = {"backbone.arch": "dinov2_vits14"}
+    assert discover(grey, method=method, **settings).boxes
+    assert discover(grey, method=method, no_object=0.8, **settings).boxes == []
