@@ -15,13 +15,14 @@ from pipeline.runs import RunDir, RunError
 from stages.common import rle
 from stages.common.io import atomic_write_json, read_json
 from stages.data.datasets import coco_boxes, ground_truth_boxes, ground_truth_coco, list_images
-from stages.data.videos import check_video_ground_truth, list_videos, video_truth
+from stages.data.videos import check_video_ground_truth, evaluation_protocol, list_videos, video_truth
 from stages.evaluation.coco_ap import evaluate_ap
 from stages.evaluation.corloc import corloc
 from stages.evaluation.video_metrics import (
     davis_jf,
     davis_proposals,
     fg_ari,
+    foreground_jf,
     miou_hungarian,
     with_background_proposal,
 )
@@ -139,6 +140,8 @@ def evaluate_video(cfg: Config, run_dir: Path | None = None) -> dict:
     tracks = read_json(run_path / TRACKS)
     videos = list_videos(cfg.dataset)
     check_video_ground_truth(cfg.dataset, videos)  # every video's, before any is scored
+    if evaluation_protocol(cfg.dataset) == "foreground":
+        return _evaluate_foreground(cfg, run_path, tracks, videos)
     per_video, js, fs, ious = {}, [], [], []
     for video in videos:
         gt, void = video_truth(cfg.dataset, video)
@@ -166,8 +169,30 @@ def evaluate_video(cfg: Config, run_dir: Path | None = None) -> dict:
     }
     atomic_write_json(run_path / "metrics.json", result)
     print(
-        f"BA on {cfg.dataset.name}: J&F {100 * result['J&F']:.1f} (J {100 * j:.1f}, F {100 * f:.1f}), "
+        f"{cfg.method.name} on {cfg.dataset.name}: J&F {100 * result['J&F']:.1f} "
+        f"(J {100 * j:.1f}, F {100 * f:.1f}), "
         f"FG-ARI {100 * result['FG-ARI']:.1f}, mIoU {100 * result['mIoU']:.1f}",
+        file=sys.stderr,
+    )
+    return result
+
+
+def _evaluate_foreground(cfg: Config, run_path: Path, tracks: dict, videos: list) -> dict:
+    """The DAVIS-2016 protocol (single-object datasets): every track merged into one predicted foreground,
+    J and F per frame against the merged ground truth, averaged over each sequence's annotated frames, then
+    over sequences (``video_metrics.foreground_jf``)."""
+    per_video = {}
+    for video in videos:
+        gt, void = video_truth(cfg.dataset, video)
+        pred = predicted_ids(tracks, video.id, gt.shape)
+        per_video[video.name] = foreground_jf(gt, pred, void)
+    j = float(np.mean([v["J"] for v in per_video.values()]))
+    f = float(np.mean([v["F"] for v in per_video.values()]))
+    result = {"protocol": "DAVIS-2016", "J&F": (j + f) / 2, "J": j, "F": f, "videos": per_video}
+    atomic_write_json(run_path / "metrics.json", result)
+    print(
+        f"{cfg.method.name} on {cfg.dataset.name} (DAVIS-2016 protocol, {len(videos)} sequences): "
+        f"J&F {100 * result['J&F']:.1f} (J {100 * j:.1f}, F {100 * f:.1f})",
         file=sys.stderr,
     )
     return result

@@ -17,10 +17,11 @@ from stages.common import rle
 from stages.common.export import FOREGROUND, CocoWriter, validate_shard
 from stages.common.io import JsonListsWriter, atomic_write_json
 from stages.data.datasets import ImageRecord, image_listing
-from stages.data.videos import frame_records, list_videos
-from stages.features.backbone import BackboneConfig
-from stages.pseudolabels import Discoverer, run_shard, run_video, validate_video_shard
+from stages.data.videos import VideoRecord, frame_records, list_videos
+from stages.features.backbone import BackboneConfig, resolve_device
+from stages.pseudolabels import Discoverer, pair_names, run_pairs, run_shard, run_video, validate_video_shard
 from stages.refinement.refine import RefineConfig
+from stages.video.base import PairCache
 
 OUTPUT = "pseudolabels.json"
 OVERLAYS = "overlays"
@@ -121,16 +122,19 @@ def make_video_worker(
     method: Any,
     sections: dict[str, Any],
     overlay_ids: frozenset[int],
+    pair_root: str | None = None,
 ):
     """Built inside each Ray actor: the backbone and the video method (with what it loads, e.g. BA's
-    correlator) once. It gets no output path: its results (tracks, overlay GIFs) go back to the driver."""
+    correlator) once. It gets no output path: its results (tracks, overlay GIFs) go back to the driver.
+    ``pair_root``: the folder of the method's pair files (``PairCache``), which it only reads."""
     backbone = load_backbone(backbone_cfg, seed)
     video_method = METHODS.get(method.name).from_config(method, backbone, sections, backbone_cfg.batch_size)
 
     def work(index: int, videos: list) -> ShardOutput:
         (video,) = videos
         start = time.perf_counter()
-        data, gif = run_video(video_method, video, video.id in overlay_ids)
+        pairs = None if pair_root is None else [str(Path(pair_root) / n) for n in pair_names(video)]
+        data, gif = run_video(video_method, video, video.id in overlay_ids, pairs)
         files = {f"overlays/{video.name}.gif": gif} if gif is not None else {}
         return ShardOutput(data, files, {"frames": len(video.frames), "seconds": time.perf_counter() - start})
 
@@ -152,12 +156,17 @@ def run_videos(cfg: Config) -> Path:
         file=sys.stderr,
     )
     start = time.perf_counter()
+    pair_root = None
+    cache = METHODS.get(cfg.method.name).pair_cache(cfg.method)
+    if cache is not None:
+        run_stage(pair_stage(cfg, run_dir, videos, cache), cfg.run, cfg.backbone.device)
+        pair_root = str(run_dir.path / cache.folder)
     overlay_ids = frozenset(v.id for v in videos[: cfg.run.overlays])
     stage = ShardedStage(
         name=cfg.method.name,
         shards=[[v] for v in videos],
         factory=functools.partial(
-            make_video_worker, cfg.backbone, cfg.seed, cfg.method, sections, overlay_ids
+            make_video_worker, cfg.backbone, cfg.seed, cfg.method, sections, overlay_ids, pair_root
         ),
         shard_dir=run_dir.shards,
         files_dir=run_dir.path,
@@ -168,6 +177,34 @@ def run_videos(cfg: Config) -> Path:
     )
     run_stage(stage, cfg.run, cfg.backbone.device)
     return merge_videos(stage, run_dir, {r.file_name: r.id for r in frames}, time.perf_counter() - start)
+
+
+def make_pair_worker(cache: PairCache, device: str):
+    """Built inside each Ray actor: the pair function of ``cache`` (e.g. a flow estimator) once. It gets
+    no output path: the pair files go back to the driver."""
+    compute = cache.worker(str(resolve_device(device)))
+
+    def work(index: int, pairs: list[tuple[VideoRecord, int]]) -> ShardOutput:
+        data, files = run_pairs(compute, cache.folder, pairs)
+        return ShardOutput(data, files)
+
+    return work
+
+
+def pair_stage(cfg: Config, run_dir: RunDir, videos: list[VideoRecord], cache: PairCache) -> ShardedStage:
+    """The stage that computes a video method's pair files (``PairCache``) once per run: shards of
+    ``run.shard_size`` frame pairs, files written by the driver under the run directory; a second run (or
+    the method's shards computed again) reads them."""
+    pairs = [(v, t) for v in videos for t in range(len(v.frames) - 1)]
+    return ShardedStage(
+        name=f"{cfg.method.name} {cache.folder}",
+        shards=[pairs[i : i + cfg.run.shard_size] for i in range(0, len(pairs), cfg.run.shard_size)],
+        factory=functools.partial(make_pair_worker, cache, cfg.backbone.device),
+        shard_dir=run_dir.path / f"{cache.folder}-shards",  # beside the pair files' folder
+        files_dir=run_dir.path,
+        item_name=lambda pair: pair_names(pair[0])[pair[1]],
+        version=cache.folder,
+    )
 
 
 def merge_videos(stage: ShardedStage, run_dir: RunDir, frame_ids: dict[str, int], seconds: float) -> Path:

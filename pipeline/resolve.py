@@ -10,7 +10,8 @@ from pipeline.config import METHODS, Config, replace
 from pipeline.runs import resolve_backbone
 from pipeline.train_correlator import resolve_correlator
 
-# Config sections a method may use (VideoMethod.uses) -> how their files are found.
+# Config sections a method may use (VideoMethod.uses) -> how their files are found (sections that name no
+# file, such as 'refine', need none).
 SECTION_RESOLVERS: dict[str, Callable[[Config], Config]] = {"correlator": resolve_correlator}
 
 
@@ -21,7 +22,8 @@ def resolve(cfg: Config) -> Config:
         return cfg
     cfg = resolve_backbone(cfg)
     for name in getattr(METHODS.get(cfg.method.name), "uses", ()):
-        cfg = SECTION_RESOLVERS[name](cfg)
+        if name in SECTION_RESOLVERS:
+            cfg = SECTION_RESOLVERS[name](cfg)
     return replace(cfg, resolved=True)
 
 

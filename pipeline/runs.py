@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, replace, save_config
+from pipeline.config import METHODS, Config, replace, save_config
 from stages.common.io import atomic_write_json, read_json
 from stages.common.paths import resolve
 from stages.data.base import ImageRecord
@@ -28,7 +28,9 @@ VIDEO_LABELS = ("seed", "dataset", "backbone", "method", "correlator")
 
 
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
-    labels = VIDEO_LABELS if cfg.modality == "video" else IMAGE_LABELS
+    """The sections that shape ``stage``'s outputs; a video method's also the sections it ``uses``."""
+    uses = tuple(getattr(METHODS.get(cfg.method.name), "uses", ()))
+    labels = VIDEO_LABELS + uses if cfg.modality == "video" else IMAGE_LABELS
     return {
         "pseudolabels": labels,
         "selftrain": (*labels, "train"),

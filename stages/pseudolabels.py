@@ -8,6 +8,7 @@ pipeline's driver writes them)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,17 +231,30 @@ def overlay_png(rgb: np.ndarray, objects: ImageObjects) -> bytes:
 # Videos: one video per shard
 
 
-def run_video(discoverer: VideoMethod, video: VideoRecord, overlay: bool) -> tuple[dict, bytes | None]:
+def run_video(
+    discoverer: VideoMethod, video: VideoRecord, overlay: bool, pairs: list[str] | None = None
+) -> tuple[dict, bytes | None]:
     """Tracks of one video: returns the shard's data ({"video", "tracks", "failures"}, JSON-ready) and, when
-    ``overlay``, an animated GIF of them. An unreadable frame fails the video (recorded with the frame's
-    name), not the run. Writes nothing."""
+    ``overlay``, an animated GIF of them. ``pairs``: the paths of the video's pair files when the method
+    has a ``pair_cache`` (a missing one fails the video). An unreadable frame fails the video (recorded
+    with the frame's name), not the run. Writes nothing."""
     try:
         frames = [load_rgb(Path(video.root) / f) for f in video.frames]
     except BadImage as e:
         return {"video": None, "tracks": [], "failures": [{"video": video.name, "reason": str(e)}]}, None
     if len({f.shape for f in frames}) > 1:
         frames = [np.array(Image.fromarray(f).resize(frames[0].shape[1::-1])) for f in frames]
-    ids = discoverer(frames)
+    if pairs is None:
+        ids = discoverer(frames)
+    else:
+        missing = [p for p in pairs if not Path(p).is_file()]
+        if missing:
+            reason = (
+                f"no pair file {missing[0]} (a frame could not be read; or the file was deleted: delete "
+                "its stage's shards folder beside it to compute it again)"
+            )
+            return {"video": None, "tracks": [], "failures": [{"video": video.name, "reason": reason}]}, None
+        ids = discoverer(frames, pairs)
     height, width = ids.shape[1:]
     tracks = [
         {"track_id": k, "segmentations": [encode_mask(m) if m.any() else None for m in ids == k]}
@@ -255,6 +269,31 @@ def run_video(discoverer: VideoMethod, video: VideoRecord, overlay: bool) -> tup
     }
     data = {"video": meta, "tracks": tracks, "failures": []}
     return data, gif(frames, ids) if overlay else None
+
+
+def pair_names(video: VideoRecord) -> list[str]:
+    """A video's pair files (``PairCache``) relative to the cache's folder: <video>/<frame p's stem>.npy."""
+    return [f"{video.name}/{Path(f).stem}.npy" for f in video.frames[:-1]]
+
+
+def run_pairs(
+    compute: Callable[[np.ndarray, np.ndarray], bytes], folder: str, pairs: list[tuple[VideoRecord, int]]
+) -> tuple[dict, dict[str, bytes]]:
+    """The pair files of (video, frame p) pairs: frames p and p+1 through ``compute``. Returns the shard's
+    data ({"pairs": file names, "failures"}) and the files (name under ``folder`` -> bytes). A pair with an
+    unreadable frame is left out and recorded (its video then fails by name). Writes nothing."""
+    files, failures = {}, []
+    for video, t in pairs:
+        name = pair_names(video)[t]
+        try:
+            first, second = (load_rgb(Path(video.root) / f) for f in video.frames[t : t + 2])
+        except BadImage as e:
+            failures.append({"pair": name, "reason": str(e)})
+            continue
+        if first.shape != second.shape:  # as run_video: frames are brought to the first one's size
+            second = np.array(Image.fromarray(second).resize(first.shape[1::-1]))
+        files[f"{folder}/{name}"] = compute(first, second)
+    return {"pairs": sorted(files), "failures": failures}, files
 
 
 def validate_video_shard(shard: dict) -> None:

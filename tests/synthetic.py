@@ -43,6 +43,7 @@ def hard_scene(
     shapes: list[Shape],
     seed: int,
     object_similarity: float = 0.0,
+    background_similarity: float = -0.3,
     offset: float = 0.0,
     noise: float = 1.5,
     dim: int = 64,
@@ -50,17 +51,18 @@ def hard_scene(
     """(h*w, dim) keys of a scene where the reference graph settings matter, and each object's truth mask.
 
     Every patch is the unit direction of its region plus Gaussian noise of norm ``noise``: a 'sky' band
-    (top 55%) and a 'ground' band with directions of cosine 0.7, objects at cosine -0.3 to both bands and
-    ``object_similarity`` to each other. With noise 1.5 the cosine of two patches of one object is only
-    ~0.3 (about the cosine of the two bands), object-background ~-0.1: a cut at tau 0.15 separates the
-    objects from one background, a higher tau also splits the bands (MaskCut then returns a band as an
-    object), a tau below 0 joins objects and background. ``offset`` adds one shared vector to every key
+    (top 55%) and a 'ground' band with directions of cosine 0.7, objects at cosine
+    ``background_similarity`` (-0.3) to both bands and ``object_similarity`` to each other. With noise 1.5
+    the cosine of two patches of one object is only ~0.3 (about the cosine of the two bands),
+    object-background ~-0.1: a cut at tau 0.15 separates the objects from one background, a higher tau
+    also splits the bands (MaskCut then returns a band as an object), a tau below 0 joins objects and
+    background. ``offset`` adds one shared vector to every key
     (as DINOv2's keys have): raw cosines are then all high, and only centred keys can be cut.
     """
     rng = np.random.default_rng(seed)
     n = 2 + len(shapes)
     gram = np.full((n, n), object_similarity)
-    gram[:2, :] = gram[:, :2] = -0.3
+    gram[:2, :] = gram[:, :2] = background_similarity
     gram[0, 1] = gram[1, 0] = 0.7
     np.fill_diagonal(gram, 1.0)
     basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
@@ -281,3 +283,25 @@ def train_planted_solv(steps: int = 1100, seed: int = 0):
     finally:
         torch.set_num_threads(threads)
     return model.eval(), palette
+
+
+def single_object_video(
+    n_frames: int, size: tuple[int, int] = (64, 96), box: int = 32, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One bright textured square moving right 3 px a frame over a dark textured background (texture gives
+    optical flow something to follow). Returns the (H, W, 3) uint8 frames and (H, W) bool object masks."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    background = 40 + 25 * rng.random((h, w, 3))
+    texture = rng.random((box, box, 3))
+    frames, masks = [], []
+    for t in range(n_frames):
+        x = 4 + (3 * t) % max(1, w - box - 8)
+        y = (h - box) // 2
+        img = background.copy()
+        img[y : y + box, x : x + box] = 150 + 100 * texture * np.array([1.0, 0.3, 0.3])
+        mask = np.zeros((h, w), bool)
+        mask[y : y + box, x : x + box] = True
+        frames.append(img.astype(np.uint8))
+        masks.append(mask)
+    return frames, masks

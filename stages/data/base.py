@@ -37,9 +37,9 @@ class DatasetConfig:
     # COCO instances json (coco, coco20k); YouTube-VIS json (ytvis); DAVIS: the ground-truth folder under
     # the root (davis17: Annotations_unsupervised/480p); relative json paths are taken from the repository
     annotations: str | None
-    split: (
-        str | None
-    )  # VOC: ImageSets/Main/<split>.txt; COCO20k: the file list; DAVIS: ImageSets/2017/<split>
+    # VOC: ImageSets/Main/<split>.txt; COCO20k: the file list; DAVIS: ImageSets/2017/<split> (davis2016:
+    # ImageSets/2016/<split>.txt); FBMS-59: the set's folder (Trainingset, Testset)
+    split: str | None
 
     def validate(self, key: str) -> None:
         kinds = load_kinds()

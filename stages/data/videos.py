@@ -10,13 +10,14 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
 from stages.common import rle
 from stages.common.export import coco_file, mask_annotation
-from stages.common.io import is_image_name
+from stages.common.io import image_size, is_image_name
 from stages.common.paths import resolve
 from stages.data.annotations import (
     DatasetError,
@@ -143,9 +144,10 @@ def _folder_videos(cfg: DatasetConfig, root: Path, base: Path, names: list[str] 
     return videos
 
 
-def _davis_split(root: Path, split_name: str, base: Path) -> list[str]:
-    """The videos of a DAVIS split list, each checked to have its frame folder."""
-    split = root / "ImageSets" / "2017" / f"{split_name}.txt"
+def _davis_split(root: Path, split_name: str, base: Path, year: str = "2017") -> list[str]:
+    """The videos of a DAVIS split list (ImageSets/<year>/<split>.txt), each checked to have its frame
+    folder."""
+    split = root / "ImageSets" / year / f"{split_name}.txt"
     if not split.is_file():
         raise DatasetError(f"DAVIS split list not found: {split}")
     problems = Problems(str(split))
@@ -200,6 +202,11 @@ def _id_map(path: Path) -> np.ndarray:
         return np.array(img)
 
 
+def evaluation_protocol(cfg: DatasetConfig) -> str:
+    """How a video dataset is scored: 'objects' (DAVIS-17 unsupervised) or 'foreground' (DAVIS-2016)."""
+    return _video_kind(cfg).protocol
+
+
 def video_ground_truth(cfg: DatasetConfig, video: VideoRecord) -> np.ndarray:
     """(T, H, W) object ids of a video (0 = background; DAVIS's void 255 counts as background)."""
     return video_truth(cfg, video)[0]
@@ -237,6 +244,9 @@ class VideoKind(DatasetKind):
     """A dataset whose items are videos; as images, it lists every frame of every video."""
 
     modality = "video"
+    # How evaluation scores it: "objects" (DAVIS-17 unsupervised: tracks matched to objects) or
+    # "foreground" (DAVIS-2016: one merged foreground per frame, J and F per sequence).
+    protocol: ClassVar[str] = "objects"
 
     def videos(self, cfg: DatasetConfig, root: Path) -> list[VideoRecord]:
         raise NotImplementedError
@@ -340,3 +350,125 @@ class YouTubeVIS(VideoKind):
                 if seg:
                     ids[t][rle.decode(rle.from_segmentation(seg, meta["height"], meta["width"]))] = k
         return ids, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single-object (foreground) datasets: DAVIS-2016, SegTrack-v2, FBMS-59. Their truth is one merged
+# foreground per frame (id 1); evaluation scores them with the DAVIS-2016 protocol (``protocol``).
+
+
+def _binary_masks(
+    paths: list[Path | None], shape: tuple[int, int], what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(T, H, W) foreground ids (1 where any non-zero, non-void value is) and void of per-frame mask files;
+    a frame without a file (None: not annotated, FBMS-59's sparse frames) is void everywhere."""
+    ids = np.zeros((len(paths), *shape), np.int64)
+    void = np.zeros((len(paths), *shape), bool)
+    for t, path in enumerate(paths):
+        if path is None:
+            void[t] = True
+            continue
+        with Image.open(path) as img:
+            values = np.array(img.convert("L") if img.mode not in ("P", "L") else img)
+        if values.shape != shape:
+            raise DatasetError(f"{path}: {what} mask of {values.shape[::-1]} px, its frame is {shape[::-1]}")
+        void[t] = values == DAVIS_VOID if img.mode == "P" else False
+        ids[t] = (values != 0) & ~void[t]
+    return ids, void
+
+
+def _frame_shape(video: VideoRecord) -> tuple[int, int]:
+    return image_size(Path(video.root) / video.frames[0])
+
+
+class ForegroundKind(VideoKind):
+    """A single-object video dataset: per frame one foreground mask (every annotated object merged)."""
+
+    protocol = "foreground"
+
+    def mask_paths(self, cfg: DatasetConfig, video: VideoRecord) -> list[Path | None]:
+        raise NotImplementedError
+
+    def has_truth(self, cfg: DatasetConfig) -> bool:
+        return True
+
+    def check_truth(self, cfg: DatasetConfig, videos: list[VideoRecord]) -> None:
+        problems = Problems(f"ground truth of '{cfg.name}'")
+        for video in videos:
+            paths = self.mask_paths(cfg, video)
+            missing = [str(p) for p in paths if p is not None and not p.is_file()]
+            if missing or all(p is None for p in paths):
+                problems.add(video.name, f"no mask file {missing[:2]}" if missing else "no annotated frame")
+        problems.raise_any()
+
+    def truth(self, cfg: DatasetConfig, video: VideoRecord) -> tuple[np.ndarray, np.ndarray | None]:
+        return _binary_masks(self.mask_paths(cfg, video), _frame_shape(video), cfg.kind)
+
+
+@DATASET_KINDS.register("davis2016")
+class Davis2016(ForegroundKind):
+    """DAVIS-2016: the DAVIS layout (JPEGImages/480p/<video>/, the ground-truth folder
+    ``dataset.annotations``, Annotations/480p) with the 2016 list ImageSets/2016/<split>.txt; every object
+    of a frame merged into one foreground (void 255 left out)."""
+
+    def videos(self, cfg: DatasetConfig, root: Path) -> list[VideoRecord]:
+        base = root / "JPEGImages" / DAVIS_RES
+        names = _davis_split(root, cfg.split, base, year="2016") if cfg.split else None
+        return _folder_videos(cfg, root, base, names)
+
+    def mask_paths(self, cfg: DatasetConfig, video: VideoRecord) -> list[Path | None]:
+        return _davis_masks(cfg, video)
+
+
+@DATASET_KINDS.register("segtrackv2")
+class SegTrackV2(ForegroundKind):
+    """SegTrack-v2: JPEGImages/<video>/ frames and GroundTruth/<video>/ masks named like the frames (any
+    image suffix); a video with several objects has one subfolder of masks per object (1/, 2/, ...),
+    merged into one foreground."""
+
+    def videos(self, cfg: DatasetConfig, root: Path) -> list[VideoRecord]:
+        return _folder_videos(cfg, root, root / "JPEGImages", None)
+
+    def mask_paths(self, cfg: DatasetConfig, video: VideoRecord) -> list[Path | None]:
+        folder = resolve(cfg.root) / (cfg.annotations or "GroundTruth") / video.name
+        objects = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        return [_by_stem(objects or [folder], Path(f).stem) for f in video.frames]
+
+    def truth(self, cfg: DatasetConfig, video: VideoRecord) -> tuple[np.ndarray, np.ndarray | None]:
+        folder = resolve(cfg.root) / (cfg.annotations or "GroundTruth") / video.name
+        objects = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else [folder]
+        shape = _frame_shape(video)
+        ids = np.zeros((len(video.frames), *shape), np.int64)
+        for obj in objects or [folder]:
+            paths = [_by_stem([obj], Path(f).stem) for f in video.frames]
+            ids |= _binary_masks(paths, shape, cfg.kind)[0]
+        return ids, None
+
+
+def _by_stem(folders: list[Path], stem: str) -> Path:
+    """The image file named ``stem`` in the first folder that has one (the missing path of the first
+    folder otherwise, for the error message)."""
+    for folder in folders:
+        for path in sorted(folder.glob(f"{stem}.*")):
+            if is_image_name(path.name):
+                return path
+    return folders[0] / f"{stem}.png"
+
+
+@DATASET_KINDS.register("fbms59")
+class FBMS59(ForegroundKind):
+    """FBMS-59: <split>/<video>/ frames (``dataset.split``: Trainingset or Testset) with sparse ground truth
+    in <split>/<video>/GroundTruth/<frame stem>_gt.<pgm|png> (every 20th frame or so; grey levels per
+    object, 0 background, all objects merged). Frames without a mask are not evaluated."""
+
+    requires = ("split",)
+
+    def videos(self, cfg: DatasetConfig, root: Path) -> list[VideoRecord]:
+        return _folder_videos(cfg, root, root / cfg.split, None)
+
+    def mask_paths(self, cfg: DatasetConfig, video: VideoRecord) -> list[Path | None]:
+        folder = resolve(cfg.root) / cfg.split / video.name / (cfg.annotations or "GroundTruth")
+        found = {}
+        for path in folder.glob("*_gt.*") if folder.is_dir() else []:
+            found[path.name.rsplit("_gt.", 1)[0]] = path
+        return [found.get(Path(f).stem) for f in video.frames]

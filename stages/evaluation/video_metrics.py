@@ -323,3 +323,23 @@ def davis_jf(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -
     j_mean = float(np.mean([o["J"] for o in per_object.values()]))
     f_mean = float(np.mean([o["F"] for o in per_object.values()]))
     return {"J": j_mean, "F": f_mean, "JF": (j_mean + f_mean) / 2, "per_object": per_object}
+
+
+def foreground_jf(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> dict:
+    """DAVIS-2016 J and F of one sequence, single-object: every non-zero id of ``gt`` and of ``pred``
+    merged into one foreground each; J (IoU) and F (boundary F-measure) per frame as in :func:`davis_jf`,
+    averaged over the annotated frames (those not entirely ``void``: FBMS-59 annotates every 20th frame).
+    Returns {'J', 'F', 'JF', 'frames': frames scored}."""
+    _check_volumes(gt, pred, void)
+    frames = np.arange(gt.shape[0]) if void is None else np.flatnonzero(~void.all(axis=(1, 2)))
+    if frames.size == 0:
+        return {"J": math.nan, "F": math.nan, "JF": math.nan, "frames": 0}
+    fg_gt = (gt[frames] != 0).astype(np.int64)
+    fg_pred = (pred[frames] != 0).astype(np.int64)
+    # One gt object, one proposal (id 1; an empty prediction is padded in as an empty proposal).
+    j, f, _, _ = jf_pair_scores(fg_gt, fg_pred, None if void is None else void[frames])
+    if j.shape[1] == 0:  # no foreground in any scored frame: DAVIS scores empty against empty as 1
+        empty = float((fg_pred == 0).all())
+        return {"J": empty, "F": empty, "JF": empty, "frames": int(frames.size)}
+    j_mean, f_mean = float(j[0, 0].mean()), float(f[0, 0].mean())
+    return {"J": j_mean, "F": f_mean, "JF": (j_mean + f_mean) / 2, "frames": int(frames.size)}

@@ -3,6 +3,7 @@ registry) of modality "video", built once per worker with the backbone, called p
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,5 +33,27 @@ class VideoMethod(DiscoveryMethod):
         """What the run's messages say about the method's resources (e.g. ', correlator <file>')."""
         return ""
 
-    def __call__(self, frames: list[np.ndarray]) -> np.ndarray:
+    @classmethod
+    def pair_cache(cls, cfg: Any) -> PairCache | None:
+        """The per-frame-pair work this method needs cached before it runs (``PairCache``); None: none."""
+        return None
+
+    def __call__(self, frames: list[np.ndarray], pairs: Sequence[str] = ()) -> np.ndarray:
+        """``pairs``: with a ``pair_cache``, the paths of the video's T-1 pair files, in frame order."""
+        raise NotImplementedError
+
+
+class PairCache:
+    """Work a video method needs on every pair of consecutive frames (ssl-vos: optical flow), done once per
+    run by a stage of its own (``pipeline/pseudolabels.py``): its workers return one file per pair, the
+    driver writes it under ``folder`` in the run directory, and the method gets the files' paths. A picklable
+    description; ``worker`` builds the function inside each worker."""
+
+    @property
+    def folder(self) -> str:
+        """The pair files' folder, relative to the run directory (named by what shapes them)."""
+        raise NotImplementedError
+
+    def worker(self, device: str) -> Callable[[np.ndarray, np.ndarray], bytes]:
+        """(frame p, frame p+1) HxWx3 uint8 RGB -> the pair's file content."""
         raise NotImplementedError
