@@ -22,7 +22,7 @@ from stages.common.export import encode_mask, mask_annotation
 from stages.common.io import BadImage, load_rgb
 from stages.data.datasets import ImageRecord
 from stages.data.videos import VideoRecord
-from stages.discovery.base import ImageMethod, PatchFeatures, load_methods
+from stages.discovery.base import ImageMethod, PatchFeatures, ScoredMask, load_methods
 from stages.discovery.ncut import patch_box
 from stages.features.backbone import Backbone, ViTFeatures, input_size, network_image, prepare_image
 from stages.refinement.refine import RefineConfig, refine_masks
@@ -33,12 +33,13 @@ from stages.video.base import VideoMethod
 class ImageObjects:
     boxes: list[list[float]]  # [x, y, w, h] in image pixels from the patch masks, discovery order
     masks: list[np.ndarray]  # refined (H, W) bool masks; masks rejected by refinement are left out
+    scores: list[float | None] | None = None  # per mask: the method's object score (ScoredMask), or None
 
 
 def to_pixels(
     rgb: np.ndarray,
     work_rgb: np.ndarray,
-    patch_masks: list[np.ndarray],
+    patch_masks: list[np.ndarray] | list[ScoredMask],
     patch: int,
     refine: str,
     cfg: RefineConfig,
@@ -48,23 +49,28 @@ def to_pixels(
 
     ``work_rgb`` is the image the network saw before padding (``network_image``). Masks are upsampled to it,
     refined there (on ``device`` when ``cfg.backend`` picks torch there), then resized to the original size;
-    boxes follow SPEC ([xmin*p, ymin*p, (xmax+1)*p, (ymax+1)*p], clipped) and are scaled the same way.
+    boxes follow SPEC ([xmin*p, ymin*p, (xmax+1)*p, (ymax+1)*p], clipped) and are scaled the same way. A
+    ``ScoredMask``'s score follows its refined mask into ``scores`` (None for a bare mask).
     """
     height, width = rgb.shape[:2]
     work_h, work_w = work_rgb.shape[:2]
     sx, sy = width / work_w, height / work_h
-    out = ImageObjects([], [])
-    pixel_masks = []
-    for mask in patch_masks:
+    out = ImageObjects([], [], [])
+    pixel_masks, scores = [], []
+    for item in patch_masks:
+        mask, score = (item.mask, item.score) if isinstance(item, ScoredMask) else (item, None)
         if not mask.any():  # a method's "no object here" (e.g. its no-object rule): nothing to box
             continue
         x0, y0, x1, y1 = patch_box(mask, patch)
         x1, y1 = min(x1, work_w), min(y1, work_h)
         out.boxes.append([x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy])
         pixel_masks.append(mask.repeat(patch, axis=0).repeat(patch, axis=1)[:work_h, :work_w])
-    for refined in refine_masks(work_rgb, pixel_masks, refine, cfg, device):
+        scores.append(score)
+    refined_masks = refine_masks(work_rgb, pixel_masks, refine, cfg, device)
+    for refined, score in zip(refined_masks, scores, strict=True):
         if refined is not None and refined.any():
             out.masks.append(_resize_mask(refined, height, width))
+            out.scores.append(score)
     return out
 
 
@@ -104,7 +110,8 @@ class Discoverer:
         self.refine = refine
         self.max_patches = max_patches
         self.refine_pool = refine_pool
-        self.want = ("keys", *method.needs)
+        self.want = ("keys", *(n for n in method.needs if n != "key_bias"))
+        self.key_bias = backbone.key_bias if "key_bias" in method.needs else None
 
     @classmethod
     def from_config(
@@ -168,6 +175,7 @@ class Discoverer:
             queries=None if queries is None else queries[1:],
             attention=one(feats.attention),
             tokens=one(feats.tokens),
+            key_bias=self.key_bias,
         )
 
     def _objects(self, rgb: np.ndarray, feats: PatchFeatures) -> ImageObjects | BadImage | Future:
@@ -219,7 +227,8 @@ def run_shard(
                 "discovery_boxes": objects.boxes,
             }
         )
-        annotations += [mask_annotation(m, rec.id) for m in objects.masks]
+        scores = objects.scores or [None] * len(objects.masks)
+        annotations += [mask_annotation(m, rec.id, s) for m, s in zip(objects.masks, scores, strict=True)]
         if rec.id in overlay_ids:
             overlays[f"{rec.id:08d}.png"] = overlay_png(rgb, objects)
     return {"images": images, "annotations": annotations, "failures": failures}, overlays

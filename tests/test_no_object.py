@@ -16,7 +16,7 @@ from stages.discovery.votecut import votecut
 from tests.scenes import biased_scene, cls_attention, iou, scene_image
 
 GRID = (18, 24)
-MAX_COSINE = 0.8  # configs/pending/no_object.yaml (proposed)
+MAX_COSINE = 0.8  # method.no_object in configs/methods/{found,deep_spectral,freemask,votecut}.yaml
 EMPTY = {"blank": dict(noise=0.05, field=0.25), "noise": dict(noise=0.35, field=0.1)}
 
 

@@ -13,13 +13,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from stages.common.registry import Registry
 from stages.common.schema import fail, section
+from stages.discovery.ncut import treat_keys
+from stages.discovery.no_object import NoObjectRule, valid_patches
 
 METHODS: Registry[type[DiscoveryMethod]] = Registry("discovery method")
 
@@ -54,15 +56,28 @@ class PatchFeatures:
     queries: torch.Tensor | None = None
     attention: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+
+
+@dataclass
+class ScoredMask:
+    """A mask on the patch grid, (h, w) bool, with its object score (FreeMask: decayed maskness; VoteCut:
+    its share of the votes). An image method may return these instead of bare masks: the pseudo-label stage
+    writes the score as the annotation's ``score``."""
+
+    mask: np.ndarray
+    score: float
 
 
 class ImageMethod(DiscoveryMethod):
-    """An image discovery method: ``PatchFeatures`` of one image -> its objects as (h, w) bool patch masks,
-    in discovery order (the first is the method's main object)."""
+    """An image discovery method: ``PatchFeatures`` of one image -> its objects as (h, w) bool patch masks
+    (or ``ScoredMask``s), in discovery order (the first is the method's main object). An empty mask means
+    "no object" and is skipped."""
 
     modality = "image"
-    # Backbone outputs it reads besides the keys: any of "queries", "attention", "tokens".
-    needs: ClassVar[tuple[str, ...]] = ()
+    # Backbone outputs it reads besides the keys: any of "queries", "attention", "tokens", "key_bias". A
+    # method whose needs depend on its config sets ``self.needs`` in ``__init__``.
+    needs: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -71,7 +86,7 @@ class ImageMethod(DiscoveryMethod):
     def from_config(cls, cfg: Any) -> ImageMethod:
         return cls(cfg)
 
-    def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
+    def __call__(self, feats: PatchFeatures) -> list[np.ndarray] | list[ScoredMask]:
         raise NotImplementedError
 
 
@@ -101,6 +116,39 @@ def validate_graphs(graph: dict[str, GraphConfig], key: str) -> None:
         fail(f"{key}.{family}", "settings are needed for exactly the backbone families 'dino' and 'dinov2'")
     for family, g in graph.items():
         g.validate(f"{key}.{family}")
+
+
+KeyTreatment = Literal["raw", "centered", "no_bias"]  # stages/discovery/ncut.py treat_keys
+
+
+def validate_families(per_family: dict, key: str) -> None:
+    """Settings given per backbone family: exactly 'dino' and 'dinov2'."""
+    for family in sorted(set(per_family) ^ {"dino", "dinov2"}):
+        fail(f"{key}.{family}", "settings are needed for exactly the backbone families 'dino' and 'dinov2'")
+
+
+def validate_max_cosine(value: float | None, key: str) -> None:
+    """The no-object rule's threshold: None (off) or in (-1, 1]."""
+    if value is not None and not -1.0 < value <= 1.0:
+        fail(key, f"must be null (off) or in (-1, 1], got {value}")
+
+
+def treated_keys(feats: PatchFeatures, treatment: str) -> torch.Tensor:
+    """The image's keys after ``treatment`` (raw, centered, no_bias: ``treat_keys``); no_bias needs
+    ``key_bias`` in the method's ``needs``."""
+    return treat_keys(feats.keys, treatment, feats.key_bias)
+
+
+def no_object_rule(feats: PatchFeatures, max_cosine: float | None) -> NoObjectRule | None:
+    """The no-object rule (stages/discovery/no_object.py) for this image, judged on the patches inside the
+    picture the network saw (padding excluded); None when ``max_cosine`` is None (off). Needs ``key_bias``
+    and the image in ``feats``."""
+    if max_cosine is None:
+        return None
+    if feats.key_bias is None or feats.image is None or feats.patch is None:
+        raise ValueError("the no-object rule needs the key bias, the image and the patch size")
+    valid = valid_patches(feats.grid, feats.patch, *feats.image.shape[:2])
+    return NoObjectRule.for_image(feats.keys, feats.key_bias, feats.grid, max_cosine, valid)
 
 
 def load_methods() -> Registry[type[DiscoveryMethod]]:

@@ -18,6 +18,7 @@ twice (so colours barely count); here they are in [0, 1] as the paper describes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,6 +27,17 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from stages.common.masks import components, resize_masks
+from stages.common.schema import fail, positive, section
+from stages.discovery.base import (
+    METHODS,
+    ImageMethod,
+    KeyTreatment,
+    PatchFeatures,
+    no_object_rule,
+    treated_keys,
+    validate_families,
+    validate_max_cosine,
+)
 from stages.discovery.ncut import Spectrum, smallest_eigenvectors
 from stages.discovery.no_object import NoObjectRule
 from stages.features.backbone import IMAGENET_MEAN
@@ -188,3 +200,57 @@ def deep_spectral(
         empty = np.zeros(nodes, bool)
         return DeepSpectral(empty, empty, np.zeros(nodes, np.int64), spectrum)
     return DeepSpectral(foreground, obj, segments, spectrum)
+
+
+@section
+class DeepSpectralConfig:
+    name: Literal["deep_spectral"]
+    reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
+    lambda_knn: float  # weight of the colour/position KNN affinity (DSM: 10)
+    downsample: int | None  # pixels per graph node; None = the patch size (one node per patch, DSM's)
+    n_eigenvectors: int  # smallest non-trivial eigenvectors
+    n_segments: int  # k-means segments on them (DSM: 4)
+    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
+    resize: int | None  # square side the image is resized to; None = keep the size, pad
+    refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+    solver: Literal["fast", "dense"]  # the eigensolve (stages/discovery/ncut.py smallest_eigenvectors)
+
+    def validate(self, key: str) -> None:
+        if self.lambda_knn < 0:
+            fail(f"{key}.lambda_knn", f"must be >= 0, got {self.lambda_knn}")
+        if self.downsample is not None:
+            positive(f"{key}.downsample", self.downsample)
+        positive(f"{key}.n_eigenvectors", self.n_eigenvectors)
+        positive(f"{key}.n_segments", self.n_segments)
+        validate_families(self.keys, f"{key}.keys")
+        validate_max_cosine(self.no_object, f"{key}.no_object")
+        if self.resize is not None:
+            positive(f"{key}.resize", self.resize)
+
+
+@METHODS.register("deep_spectral")
+class DeepSpectralMethod(ImageMethod):
+    """Deep Spectral Methods (Melas-Kyriazi et al., CVPR 2022): the object (the Fiedler vector's smaller
+    side, largest component) first, then the components of the other non-background segments
+    (``DeepSpectral.objects``). With nodes finer than patches (``downsample``), masks are brought back to
+    the patch grid by nearest-neighbour resizing."""
+
+    Config = DeepSpectralConfig
+    needs = ("key_bias",)
+
+    def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
+        c = self.cfg
+        result = deep_spectral(
+            treated_keys(feats, c.keys[feats.family]),
+            feats.grid,
+            feats.image,
+            feats.patch,
+            c.lambda_knn,
+            c.downsample or feats.patch,
+            c.n_eigenvectors,
+            c.n_segments,
+            c.solver,
+            no_object=no_object_rule(feats, c.no_object),
+        )
+        return resize_masks(result.objects(), feats.grid)

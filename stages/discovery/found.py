@@ -18,12 +18,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages.common.masks import components
+from stages.common.schema import fail, positive, section
+from stages.discovery.base import (
+    METHODS,
+    ImageMethod,
+    KeyTreatment,
+    PatchFeatures,
+    no_object_rule,
+    treated_keys,
+    validate_families,
+    validate_max_cosine,
+)
 from stages.discovery.no_object import NoObjectRule
 
 HEAD_WEIGHT_EPS = 1e-10  # FOUND's epsilon in the head weights log(sum Q / Q)
@@ -275,3 +288,73 @@ def refine_patch_masks(
         share = padded.reshape(mask.shape[0], patch, mask.shape[1], patch).mean(axis=(1, 3))
         out[i] = torch.from_numpy(share > 0.5)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registered method
+
+
+@section
+class FoundTrainingConfig:
+    """The head's training schedule (``FoundTraining``, with the batch size and the bilateral solver's
+    IoU gate); values in configs/methods/found.yaml."""
+
+    lr: float
+    step_size: int
+    gamma: float
+    batch_size: int
+    max_steps: int
+    coarse_steps: int
+    refined_weight: float
+    self_weight: float
+    min_iou: float
+
+    def validate(self, key: str) -> None:
+        for name in ("lr", "step_size", "gamma", "batch_size", "max_steps"):
+            positive(f"{key}.{name}", getattr(self, name))
+        for name in ("coarse_steps", "refined_weight", "self_weight"):
+            if getattr(self, name) < 0:
+                fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_iou <= 1:
+            fail(f"{key}.min_iou", f"must be in [0, 1], got {self.min_iou}")
+
+
+@section
+class FoundConfig:
+    name: Literal["found"]
+    reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
+    tau: float  # cosine above which a patch is background (FOUND: 0.3)
+    reweight: bool  # heads weighted by the sparsity of their CLS attention (FOUND: on)
+    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    min_patches: int  # foreground components smaller than this many patches are not objects
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
+    resize: int | None  # square side the image is resized to; None = keep the size, pad
+    refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+    training: FoundTrainingConfig  # the 1x1-convolution head (FOUND's light model)
+
+    def validate(self, key: str) -> None:
+        if not -1.0 <= self.tau < 1.0:
+            fail(f"{key}.tau", f"must be in [-1, 1), got {self.tau}")
+        validate_families(self.keys, f"{key}.keys")
+        positive(f"{key}.min_patches", self.min_patches)
+        validate_max_cosine(self.no_object, f"{key}.no_object")
+        if self.resize is not None:
+            positive(f"{key}.resize", self.resize)
+        self.training.validate(f"{key}.training")
+
+
+@METHODS.register("found")
+class Found(ImageMethod):
+    """FOUND (Simeoni et al., CVPR 2023), training-free: the foreground is every patch unlike the least
+    CLS-attended one. Its objects are the foreground's 4-connected components of at least ``min_patches``
+    patches, largest first (the first is what FOUND boxes for localisation)."""
+
+    Config = FoundConfig
+    needs = ("attention", "key_bias")
+
+    def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
+        c = self.cfg
+        keys = treated_keys(feats, c.keys[feats.family])
+        rule = no_object_rule(feats, c.no_object)
+        foreground = found(keys, cls_attention(feats.attention), feats.grid, c.tau, c.reweight, rule)
+        return [part for part in components(foreground) if part.sum() >= c.min_patches]

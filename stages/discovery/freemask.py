@@ -20,22 +20,26 @@ script leaves out; without it a 60x60 grid sends ~2,600 masks of 3,600 patches t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stages.common.masks import pairwise_iou
+from stages.common.schema import fail, positive, section
+from stages.discovery.base import (
+    METHODS,
+    ImageMethod,
+    KeyTreatment,
+    PatchFeatures,
+    ScoredMask,
+    no_object_rule,
+    treated_keys,
+    validate_families,
+    validate_max_cosine,
+)
 from stages.discovery.no_object import NoObjectRule
-
-
-@dataclass
-class ScoredMask:
-    """A mask on the patch grid, (h, w) bool, with its score (FreeMask: decayed maskness)."""
-
-    mask: np.ndarray
-    score: float
 
 
 def query_masks(
@@ -138,3 +142,59 @@ def _placed(mask: np.ndarray, top_margin: float, max_width: float) -> bool:
     centre = (rows.mean() + 0.5) / mask.shape[0]
     width = mask.any(axis=0).sum() / mask.shape[1]
     return centre > top_margin and width < max_width
+
+
+@section
+class FreeMaskConfig:
+    name: Literal["freemask"]
+    reference_backbone: str  # the backbone picked by backbone.arch=auto when its weights exist
+    scales: list[float]  # query maps: the key map resized by each (FreeSOLO: 1, 0.5, 0.25)
+    mask_threshold: float  # soft -> binary (0.5)
+    sigma: float  # Gaussian Matrix NMS (2)
+    max_masks: int  # masks kept per image (20)
+    min_score: float  # decayed maskness kept (0.7)
+    top_margin: float  # masks centred in the top fraction of the image are dropped (0.2)
+    max_width: float  # masks spanning this fraction of the width or more are dropped (0.95)
+    max_candidates: int  # masks entering Matrix NMS (SOLOv2's NMS_PRE, 500)
+    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
+    resize: int | None  # square side the image is resized to; None = keep the size, pad
+    refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+
+    def validate(self, key: str) -> None:
+        if not self.scales or any(not 0 < s <= 1 for s in self.scales):
+            fail(f"{key}.scales", f"must be a non-empty list of values in (0, 1], got {self.scales}")
+        for name in ("mask_threshold", "min_score", "top_margin", "max_width"):
+            if not 0 <= getattr(self, name) <= 1:
+                fail(f"{key}.{name}", f"must be in [0, 1], got {getattr(self, name)}")
+        for name in ("sigma", "max_masks", "max_candidates"):
+            positive(f"{key}.{name}", getattr(self, name))
+        validate_families(self.keys, f"{key}.keys")
+        validate_max_cosine(self.no_object, f"{key}.no_object")
+        if self.resize is not None:
+            positive(f"{key}.resize", self.resize)
+
+
+@METHODS.register("freemask")
+class FreeMask(ImageMethod):
+    """FreeMask (FreeSOLO, Wang et al., CVPR 2022): up to ``max_masks`` scored masks per image, best
+    first; the score (decayed maskness) is written into the pseudo-labels."""
+
+    Config = FreeMaskConfig
+    needs = ("key_bias",)
+
+    def __call__(self, feats: PatchFeatures) -> list[ScoredMask]:
+        c = self.cfg
+        return freemask(
+            treated_keys(feats, c.keys[feats.family]),
+            feats.grid,
+            tuple(c.scales),
+            c.mask_threshold,
+            c.sigma,
+            c.max_masks,
+            c.min_score,
+            c.top_margin,
+            c.max_width,
+            c.max_candidates,
+            no_object=no_object_rule(feats, c.no_object),
+        )

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from stages.common.schema import positive, section
-from stages.discovery.base import METHODS, ImageMethod, PatchFeatures
+from stages.discovery.base import METHODS, ImageMethod, PatchFeatures, no_object_rule, validate_max_cosine
 from stages.discovery.ncut import seed_component
 from stages.discovery.no_object import NoObjectRule
 
@@ -48,11 +48,13 @@ class LostConfig:
     k: int  # size of the low-degree candidate set
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
 
     def validate(self, key: str) -> None:
         positive(f"{key}.k", self.k)
         if self.resize is not None:
             positive(f"{key}.resize", self.resize)
+        validate_max_cosine(self.no_object, f"{key}.no_object")
 
 
 @METHODS.register("lost")
@@ -61,5 +63,10 @@ class Lost(ImageMethod):
 
     Config = LostConfig
 
+    def __init__(self, cfg: LostConfig):
+        super().__init__(cfg)
+        # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
+        self.needs = ("key_bias",) if cfg.no_object is not None else ()
+
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
-        return [lost(feats.keys, feats.grid, self.cfg.k)]
+        return [lost(feats.keys, feats.grid, self.cfg.k, no_object_rule(feats, self.cfg.no_object))]

@@ -10,7 +10,15 @@ import torch
 
 from stages.common.masks import mask_iou
 from stages.common.schema import fail, positive, section
-from stages.discovery.base import METHODS, GraphConfig, ImageMethod, PatchFeatures, validate_graphs
+from stages.discovery.base import (
+    METHODS,
+    GraphConfig,
+    ImageMethod,
+    PatchFeatures,
+    no_object_rule,
+    validate_graphs,
+    validate_max_cosine,
+)
 from stages.discovery.ncut import (
     binary_affinity,
     bipartition,
@@ -86,6 +94,7 @@ class MaskCutConfig:
     min_area: float  # drop a mask covering at most this fraction of the image
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
     solver: Literal["fast", "dense"]  # the generalized eigensolve (stages/discovery/ncut.py); dense = LAPACK
 
     def validate(self, key: str) -> None:
@@ -94,6 +103,7 @@ class MaskCutConfig:
         positive(f"{key}.n_masks", self.n_masks)
         if self.resize is not None:
             positive(f"{key}.resize", self.resize)
+        validate_max_cosine(self.no_object, f"{key}.no_object")
         if not 0 <= self.max_overlap <= 1:
             fail(f"{key}.max_overlap", f"must be in [0, 1], got {self.max_overlap}")
         if not 0 <= self.min_area < 1:
@@ -105,6 +115,11 @@ class MaskCut(ImageMethod):
     """MaskCut (Wang et al., CVPR 2023, CutLER): up to ``n_masks`` objects per image."""
 
     Config = MaskCutConfig
+
+    def __init__(self, cfg: MaskCutConfig):
+        super().__init__(cfg)
+        # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
+        self.needs = ("key_bias",) if cfg.no_object is not None else ()
 
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         c = self.cfg
@@ -119,4 +134,5 @@ class MaskCut(ImageMethod):
             c.max_overlap,
             c.min_area,
             c.solver,
+            no_object_rule(feats, c.no_object),
         )

@@ -8,7 +8,15 @@ import numpy as np
 import torch
 
 from stages.common.schema import positive, section
-from stages.discovery.base import METHODS, GraphConfig, ImageMethod, PatchFeatures, validate_graphs
+from stages.discovery.base import (
+    METHODS,
+    GraphConfig,
+    ImageMethod,
+    PatchFeatures,
+    no_object_rule,
+    validate_graphs,
+    validate_max_cosine,
+)
 from stages.discovery.ncut import binary_affinity, bipartition, fiedler_vector, seed_component, unit_keys
 from stages.discovery.no_object import NoObjectRule
 
@@ -48,6 +56,7 @@ class TokenCutConfig:
     eps: float  # weight of the edges below tau
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
     solver: Literal["fast", "dense"]
 
     def validate(self, key: str) -> None:
@@ -55,6 +64,7 @@ class TokenCutConfig:
         positive(f"{key}.eps", self.eps)
         if self.resize is not None:
             positive(f"{key}.resize", self.resize)
+        validate_max_cosine(self.no_object, f"{key}.no_object")
 
 
 @METHODS.register("tokencut")
@@ -63,6 +73,13 @@ class TokenCut(ImageMethod):
 
     Config = TokenCutConfig
 
+    def __init__(self, cfg: TokenCutConfig):
+        super().__init__(cfg)
+        # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
+        self.needs = ("key_bias",) if cfg.no_object is not None else ()
+
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         graph = self.cfg.graph[feats.family]
-        return [tokencut(feats.keys, feats.grid, graph.tau, self.cfg.eps, graph.center_keys, self.cfg.solver)]
+        c = self.cfg
+        rule = no_object_rule(feats, c.no_object)
+        return [tokencut(feats.keys, feats.grid, graph.tau, c.eps, graph.center_keys, c.solver, rule)]

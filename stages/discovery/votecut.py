@@ -24,11 +24,26 @@ candidates agree on it, which is what drops a candidate no other source supports
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stages.common.masks import pairwise_iou, resize_masks
+from stages.common.schema import fail, positive, section
+from stages.discovery.base import (
+    METHODS,
+    ImageMethod,
+    KeyTreatment,
+    PatchFeatures,
+    ScoredMask,
+    no_object_rule,
+    treated_keys,
+    validate_families,
+    validate_max_cosine,
+)
+from stages.discovery.ncut import binary_affinity, smallest_eigenvectors
 from stages.discovery.no_object import NoObjectRule
 
 
@@ -146,3 +161,96 @@ def votecut(
     voted.sort(key=lambda item: -item[1])  # stable: equal votes keep creation order
     best = voted[0][1] if voted else 1
     return [VotedMask(mask, votes, votes / best) for mask, votes in voted]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The registered method: its sources are normalized-cut graphs on the same backbone features
+
+
+@section
+class VoteSource:
+    """One candidate source: the binary key graph (tau, eps as MaskCut's) of the keys after a treatment."""
+
+    keys: KeyTreatment
+    tau: float
+
+    def validate(self, key: str) -> None:
+        if not -1.0 <= self.tau < 1.0:
+            fail(f"{key}.tau", f"must be in [-1, 1), got {self.tau}")
+
+
+@section
+class VoteCutConfig:
+    name: Literal["votecut"]
+    reference_backbone: str  # the backbone picked by backbone.arch=auto when its weights exist
+    sources: dict[str, list[VoteSource]]  # per backbone family ('dino', 'dinov2'): the graphs that vote
+    eigenvectors: int  # smallest non-trivial eigenvectors per source ('num_eig_vecs')
+    eps: float  # weight of the edges below tau
+    ks: list[int]  # k-means groups per eigenvector (CuVLER: 2, 3)
+    min_box: int  # candidate components under this many patches both wide and high are dropped (5)
+    max_components: int  # a group of more components is noise (30)
+    iou_threshold: float  # candidates agree above this IoU (0.6)
+    pivot_moves: int  # pivot refinements (5)
+    tau_m: float  # a patch is in a cluster's mask when more than this share of members cover it (0.2)
+    max_masks: int  # voted masks per image (10)
+    min_votes: int  # ours: a mask needs this many agreeing candidates
+    no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
+    resize: int | None  # square side the image is resized to; None = keep the size, pad
+    refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
+    solver: Literal["fast", "dense"]  # the eigensolve (stages/discovery/ncut.py smallest_eigenvectors)
+
+    def validate(self, key: str) -> None:
+        validate_families(self.sources, f"{key}.sources")
+        for family, sources in self.sources.items():
+            if not sources:
+                fail(f"{key}.sources.{family}", "needs at least one source")
+            for i, source in enumerate(sources):
+                source.validate(f"{key}.sources.{family}.{i}")
+        for name in ("eigenvectors", "eps", "min_box", "max_components", "max_masks", "min_votes"):
+            positive(f"{key}.{name}", getattr(self, name))
+        if not self.ks or any(k < 2 for k in self.ks):
+            fail(f"{key}.ks", f"must be a non-empty list of integers >= 2, got {self.ks}")
+        if self.pivot_moves < 0:
+            fail(f"{key}.pivot_moves", f"must be >= 0, got {self.pivot_moves}")
+        for name in ("iou_threshold", "tau_m"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        validate_max_cosine(self.no_object, f"{key}.no_object")
+        if self.resize is not None:
+            positive(f"{key}.resize", self.resize)
+
+
+@METHODS.register("votecut")
+class VoteCut(ImageMethod):
+    """VoteCut (CuVLER, Arica et al., CVPR 2024) on one backbone's features: every source of
+    ``sources[family]`` (a key treatment and a graph threshold) gives its eigenvectors' candidates; the
+    voted masks come back most votes first with their score (votes / the image's most votes), which the
+    pseudo-labels carry as the annotation's ``score`` (CuVLER's soft target)."""
+
+    Config = VoteCutConfig
+    needs = ("key_bias",)
+
+    def candidates(self, feats: PatchFeatures) -> list[np.ndarray]:
+        """Every source's candidate (h, w) bool masks, source by source."""
+        c = self.cfg
+        out: list[np.ndarray] = []
+        for source in c.sources[feats.family]:
+            unit = F.normalize(treated_keys(feats, source.keys), dim=1)
+            affinity = binary_affinity(unit, source.tau, c.eps)
+            vectors = smallest_eigenvectors(affinity, c.eigenvectors, c.solver).vectors
+            out += eigenvector_candidates(vectors, feats.grid, tuple(c.ks), c.min_box, c.max_components)
+        return out
+
+    def __call__(self, feats: PatchFeatures) -> list[ScoredMask]:
+        c = self.cfg
+        voted = votecut(
+            self.candidates(feats),
+            feats.grid,
+            c.iou_threshold,
+            c.pivot_moves,
+            c.tau_m,
+            c.max_masks,
+            c.min_votes,
+            no_object_rule(feats, c.no_object),
+        )
+        return [ScoredMask(v.mask, v.score) for v in voted]
