@@ -75,12 +75,14 @@ class ImageMethod(DiscoveryMethod):
     "no object" and is skipped."""
 
     modality = "image"
-    # Backbone outputs it reads besides the keys: any of "queries", "attention", "tokens", "key_bias". A
-    # method whose needs depend on its config sets ``self.needs`` in ``__init__``.
+    # Backbone outputs it reads besides the keys: any of "queries", "attention", "tokens", "key_bias".
     needs: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        if getattr(cfg, "no_object", None) is not None and "key_bias" not in self.needs:
+            # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
+            self.needs = (*self.needs, "key_bias")
 
     @classmethod
     def from_config(cls, cfg: Any) -> ImageMethod:

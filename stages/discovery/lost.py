@@ -63,10 +63,5 @@ class Lost(ImageMethod):
 
     Config = LostConfig
 
-    def __init__(self, cfg: LostConfig):
-        super().__init__(cfg)
-        # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
-        self.needs = ("key_bias",) if cfg.no_object is not None else ()
-
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         return [lost(feats.keys, feats.grid, self.cfg.k, no_object_rule(feats, self.cfg.no_object))]

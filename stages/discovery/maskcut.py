@@ -116,11 +116,6 @@ class MaskCut(ImageMethod):
 
     Config = MaskCutConfig
 
-    def __init__(self, cfg: MaskCutConfig):
-        super().__init__(cfg)
-        # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
-        self.needs = ("key_bias",) if cfg.no_object is not None else ()
-
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         c = self.cfg
         graph = c.graph[feats.family]

@@ -73,11 +73,6 @@ class TokenCut(ImageMethod):
 
     Config = TokenCutConfig
 
-    def __init__(self, cfg: TokenCutConfig):
-        super().__init__(cfg)
-        # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
-        self.needs = ("key_bias",) if cfg.no_object is not None else ()
-
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         graph = self.cfg.graph[feats.family]
         c = self.cfg
