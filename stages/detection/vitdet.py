@@ -52,6 +52,8 @@ from detectron2.modeling.backbone.utils import get_abs_pos
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
 from torch import nn
 
+from stages.common.state_dicts import key_mismatch
+
 BACKBONE_NAME = "build_vitdet_backbone"
 OPTIMIZERS = ("SGD", "ADAMW")
 # Keys of a DINOv2 checkpoint that the detector does not use: iBOT's masking token exists only in training.
@@ -260,14 +262,9 @@ def dinov2_to_vitdet(state: Mapping[str, torch.Tensor], cfg: CfgNode) -> dict[st
 def _check_against_model(weights: dict[str, torch.Tensor], cfg: CfgNode) -> None:
     vit = build_vit(cfg, in_chans=len(cfg.MODEL.PIXEL_MEAN))
     expected = {k: tuple(v.shape) for k, v in vit.state_dict().items()}
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(
-            f"the checkpoint does not fit the configured ViT (MODEL.VIT): missing keys {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
+    mismatch = key_mismatch(expected, weights)
+    if mismatch:
+        raise ConversionError(f"the checkpoint does not fit the configured ViT (MODEL.VIT): {mismatch}")
     for key, shape in expected.items():
         if tuple(weights[key].shape) != shape:
             raise ConversionError(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stages.common.schema import fail, positive, section
+from stages.common.state_dicts import key_mismatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,14 +182,9 @@ def to_timm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     state = to_timm_keys(read_checkpoint(path))
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise WeightsError(
-            f"weights file '{path}' does not fit this backbone: missing keys {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}"
-        )
+    mismatch = key_mismatch(expected, state)
+    if mismatch:
+        raise WeightsError(f"weights file '{path}' does not fit this backbone: {mismatch}")
     for key, value in state.items():
         if value.shape != expected[key].shape:
             raise WeightsError(
