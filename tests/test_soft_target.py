@@ -206,6 +206,22 @@ def test_annotation_scores_default_to_1_and_must_lie_in_0_1():
     for bad in (1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="score"):
             annotation_scores([{"score": bad}])
+    assert annotation_scores([{"score": 1.5}], check=False).tolist() == [1.5]  # option off: carried as is
+
+
+def test_the_mapper_checks_scores_only_with_the_option_on(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    labels = _write_labels(tmp_path)
+    data = json.loads(labels.read_text())
+    data["annotations"][0]["score"] = 1.5
+    labels.write_text(json.dumps(data))
+    train.register_labels("soft-target-bad-score", labels, str(tmp_path))
+    first = DatasetCatalog.get("soft-target-bad-score")[0]
+    off = ImageMapper(_d2_cfg(soft=False, opts=R50_SMALL), is_train=True)
+    assert off(first)["instances"].get(GT_SCORES).tolist() == pytest.approx([1.5, 1.0])
+    with pytest.raises(ValueError, match="must be in"):
+        ImageMapper(_d2_cfg(soft=True, opts=R50_SMALL), is_train=True)(first)
 
 
 def _rect(h, w, y0, y1, x0, x1):

@@ -47,14 +47,15 @@ GT_SCORES = "gt_scores"
 SCORE_KEY = "score"
 
 
-def annotation_scores(annotations: list[dict]) -> torch.Tensor:
+def annotation_scores(annotations: list[dict], check: bool = True) -> torch.Tensor:
     """(n,) float32 scores of an image's annotations, in order: ``score`` where given, else 1.0.
 
-    Raises ValueError naming the value when a score is not a number in [0, 1].
+    With ``check``, raises ValueError naming the value when a score is not a number in [0, 1] (without
+    it, the scores are carried as they are: they are only read by the soft target loss).
     """
     scores = [float(a.get(SCORE_KEY, 1.0)) for a in annotations]
     bad = [s for s in scores if not (math.isfinite(s) and 0.0 <= s <= 1.0)]
-    if bad:
+    if check and bad:
         raise ValueError(f"annotation '{SCORE_KEY}' must be in [0, 1] for the soft target loss, got {bad[0]}")
     return torch.tensor(scores, dtype=torch.float32)
 
