@@ -36,21 +36,10 @@ def quokka():
     return load_rgb(DEMO / "images" / "quokka.jpg"), np.array([x, y, x + w, y + h])
 
 
-LOST_DEGENERATE = (
-    "LOST on raw DINOv2 keys: every pair of keys has a positive product, so every patch has degree n - 1, "
-    "the seed is patch 0 and the object is the whole image (it 'hits' only objects that fill the photo). "
-    "Measured: keys minus the last block's key bias give the quokka at box IoU 0.87."
-)
-
-
-@pytest.mark.parametrize(
-    "method",
-    [
-        "maskcut",
-        "tokencut",
-        pytest.param("lost", marks=pytest.mark.xfail(strict=True, reason=LOST_DEGENERATE)),
-    ],
-)
+# LOST on raw DINOv2 keys was a known defect (every pair of keys has a positive product, so every patch has
+# degree n - 1, the seed is patch 0 and the object is the whole image): its DINOv2 default is now the keys
+# minus the last block's key bias (method.keys.dinov2: no_bias, README "DINOv2 keys").
+@pytest.mark.parametrize("method", ["maskcut", "tokencut", "lost"])
 def test_method_finds_the_quokka_with_dinov2(method, dinov2, quokka):
     # MaskCut resizes to 476x476 and maps the box back to 640x429; TokenCut and LOST pad to 644x434.
     rgb, truth = quokka
