@@ -166,19 +166,19 @@ class TrainingViews:
         return maps, views, feats
 
     def get(self, indices: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
-        """Keys (B, C, h, w) and views of dataset positions ``indices``."""
-        maps, views = [], []
-        for i in indices.tolist():
-            chunk, b = divmod(i, self.chunk)
+        """Keys (B, C, h, w) and views of dataset positions ``indices``; a chunk not in the cache is computed
+        once per call, however many of its images the batch holds."""
+        chunks: dict[int, tuple[torch.Tensor, list[np.ndarray]]] = {}
+        for chunk in dict.fromkeys(i // self.chunk for i in indices.tolist()):
             if chunk in self.cache:
                 self.cache.move_to_end(chunk)
-                chunk_maps, chunk_views = self.cache[chunk]
+                chunks[chunk] = self.cache[chunk]
             else:
-                chunk_maps, chunk_views, _ = self.compute(chunk)
-                self._keep(chunk, chunk_maps, chunk_views)
-            maps.append(chunk_maps[b])
-            views.append(chunk_views[b])
-        return torch.stack(maps), views
+                maps, views, _ = self.compute(chunk)
+                chunks[chunk] = (maps, views)
+                self._keep(chunk, maps, views)
+        pairs = [divmod(i, self.chunk) for i in indices.tolist()]
+        return torch.stack([chunks[c][0][b] for c, b in pairs]), [chunks[c][1][b] for c, b in pairs]
 
     def _keep(self, chunk: int, maps: torch.Tensor, views: list[np.ndarray]) -> None:
         size = maps.numel() * maps.element_size() + sum(v.nbytes for v in views)
