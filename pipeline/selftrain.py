@@ -230,7 +230,8 @@ def run(cfg: Config) -> Path:
         stats = stats or (
             read_json(round_dir / "relabel.json") if (round_dir / "relabel.json").exists() else {}
         )
-        n_labels = len(train.check_labels(round_dir / LABELS, image_root, dataset_files)["annotations"])
+        checked = train.check_labels(round_dir / LABELS, image_root, dataset_files, cfg.train.soft_target)
+        n_labels = len(checked["annotations"])
         weights = initial_weights(cfg, round_dir) if r == 0 else str(root / f"round{r - 1}" / det.WEIGHTS)
         train_round(cfg, r, round_dir, weights, f"selftrain-{root.name}-round{r}")
         summary = {"round": r, "labels_in": n_labels, **stats}

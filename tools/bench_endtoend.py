@@ -8,8 +8,10 @@ Per method: the parts timed apart (resize, backbone, graph + eigensolve, refinem
 the model worker as before (refinement in turn) and with ``run.refine_processes=1`` (the masks refined in
 another process while the backbone runs the next image), each as a ratio to the backbone pass alone. Then
 the pipeline's Ray stage for MaskCut on the demo photos (shards of one image): images/s with 2 workers
-against 1, with and without a refinement process per worker. Times are per image, the shortest of a few
-passes over all photos after a warm-up pass (other work on a shared machine only ever adds time).
+against 1, with the refinement in the model worker, in one refinement process per worker, or as Ray tasks
+(``python -m tools.bench_endtoend --ray-only`` runs only this part; ``--methods a,b`` only some methods).
+Times are per image, the shortest of a few passes over all photos after a warm-up pass (other work on a
+shared machine only ever adds time).
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ def _end_to_end(discoverer: Discoverer, images: list[np.ndarray]) -> float:
     return _best_per_image(job, len(images))
 
 
-def method_lines(name: str, images: list[np.ndarray], pool: Executor) -> list[str]:
-    cfg = resolve_backbone(load_config("demo", name))
+def method_lines(name: str, images: list[np.ndarray], pool: Executor, overrides: list[str] = ()) -> list[str]:
+    cfg = resolve_backbone(load_config("demo", name, overrides))
     backbone = load_backbone(cfg.backbone, cfg.seed)
     inline = Discoverer.from_config(backbone, cfg.method, cfg.refine, cfg.run.max_patches)
     pooled = Discoverer.from_config(backbone, cfg.method, cfg.refine, cfg.run.max_patches, pool)
@@ -129,6 +131,46 @@ def _stamped_worker(factory):
     return stamped
 
 
+class RayTasks(Executor):
+    """Refinement as Ray tasks instead of the worker's own processes (``run.refine_processes``): the
+    alternative issue 15 asks to measure. The tasks ask for 0 CPUs: the model actors hold every CPU of the
+    node, so tasks asking for one would never be scheduled."""
+
+    def __init__(self):
+        import ray
+
+        self.remotes: dict = {}
+        self.ray = ray
+
+    def submit(self, fn, /, *args, **kwargs):
+        if fn not in self.remotes:
+            self.remotes[fn] = self.ray.remote(num_cpus=0)(fn)
+        return self.remotes[fn].remote(*args, **kwargs).future()
+
+
+def _ray_task_worker(cfg):
+    """``make_worker``'s job with the refinement submitted as Ray tasks (see ``RayTasks``)."""
+    from pipeline.driver import ShardOutput
+    from stages.pseudolabels import run_shard
+
+    discoverer = Discoverer.from_config(
+        load_backbone(cfg.backbone, cfg.seed), cfg.method, cfg.refine, cfg.run.max_patches, RayTasks()
+    )
+
+    def work(index: int, records: list):
+        data, _ = run_shard(discoverer, records, cfg.backbone.batch_size)
+        return ShardOutput(data, {}, {"images": len(records)})
+
+    return work
+
+
+REFINEMENT_PLACES = {
+    "in the model worker": 0,
+    "run.refine_processes=1": 1,
+    "Ray tasks (0 CPUs each)": "ray",
+}
+
+
 def ray_lines(records: list[ImageRecord]) -> list[str]:
     import ray
 
@@ -139,54 +181,76 @@ def ray_lines(records: list[ImageRecord]) -> list[str]:
     items = [ImageRecord(i, r.file_name, r.path) for i, r in enumerate(records)]
     shards = [[item] for item in items]
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=100 * 2**20)
-    rates: dict[tuple[int, int], float] = {}
+    rates: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for processes in (0, 1):
+        for place, processes in REFINEMENT_PLACES.items():
             for workers in (1, 2):
-                factory = functools.partial(
-                    make_worker,
-                    cfg.backbone,
-                    cfg.seed,
-                    cfg.method,
-                    cfg.refine,
-                    cfg.run.max_patches,
-                    frozenset(),
-                    processes,
-                )
+                if processes == "ray":
+                    factory = functools.partial(_ray_task_worker, cfg)
+                else:
+                    factory = functools.partial(
+                        make_worker,
+                        cfg.backbone,
+                        cfg.seed,
+                        cfg.method,
+                        cfg.refine,
+                        cfg.run.max_patches,
+                        frozenset(),
+                        processes,
+                    )
                 out = Path(tmp) / f"{processes}-{workers}"
                 out.mkdir()
                 stage = ShardedStage(
                     f"{workers} worker(s)", shards, functools.partial(_stamped_worker, factory), out
                 )
                 report = run_shards(stage, workers, 1, False, retries=0)
-                key = (processes, workers)
-                rates[key] = _steady_rate(report.stats)
+                rates[(place, workers)] = _steady_rate(report.stats)
     ray.shutdown()
     return [
         f"Ray, MaskCut on {len(items)} demo images (shards of one), 1 torch thread per worker, "
-        f"while all workers run:",
+        f"while all workers run; refinement:",
         *(
-            f"  run.refine_processes={p}: 1 worker {rates[(p, 1)]:.2f} img/s, 2 workers {rates[(p, 2)]:.2f} "
-            f"img/s -> {rates[(p, 2)] / rates[(p, 1)]:.2f}x"
-            for p in (0, 1)
+            f"  {place}: 1 worker {rates[(place, 1)]:.2f} img/s, 2 workers {rates[(place, 2)]:.2f} "
+            f"img/s -> {rates[(place, 2)] / rates[(place, 1)]:.2f}x"
+            for place in REFINEMENT_PLACES
         ),
     ]
 
 
-def main(show=lambda line: None) -> list[str]:
-    """The section's lines (``python -m tools.bench endtoend``); ``show`` gets each as soon as it is known."""
+def main(
+    show=lambda line: None, methods: list[str] | None = None, ray: bool = True, overrides: list[str] = ()
+) -> list[str]:
+    """The section's lines (``python -m tools.bench endtoend``); ``show`` gets each as soon as it is known.
+    ``methods``: only these (default: every registered image method); ``ray``: with the Ray part;
+    ``overrides``: ``key=value`` settings for every method (e.g. ``refine.backend=torch``)."""
     records = image_listing(load_config("demo", "maskcut").dataset).records
     images = [load_rgb(Path(r.path)) for r in records]
     cfg = load_config("demo", "maskcut")
-    lines = [f"{len(images)} demo photos, torch {torch.get_num_threads()} threads, per image:"]
+    shown = f" ({', '.join(overrides)})" if overrides else ""
+    lines = [f"{len(images)} demo photos, torch {torch.get_num_threads()} threads, per image{shown}:"]
     with refine_pool(1, cfg.backbone, cfg.refine) as pool:
-        for name in _image_methods():
-            lines += method_lines(name, images, pool)
+        for name in _image_methods() if methods is None else methods:
+            lines += method_lines(name, images, pool, overrides)
             [show(line) for line in lines[-2:]]
-    lines += ray_lines(records)
-    [show(line) for line in lines[-3:]]
+    if ray:
+        lines += ray_lines(records)
+        [show(line) for line in lines[-1 - len(REFINEMENT_PLACES) :]]
     return lines
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m tools.bench_endtoend [--methods a,b] [--no-ray | --ray-only]``: a part of the section."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", help="comma-separated method names (default: every image method)")
+    parser.add_argument("--no-ray", action="store_true", help="leave out the Ray part")
+    parser.add_argument("--ray-only", action="store_true", help="only the Ray part")
+    parser.add_argument("overrides", nargs="*", help="key=value settings for every method")
+    args = parser.parse_args(argv)
+    methods = [] if args.ray_only else (args.methods.split(",") if args.methods else None)
+    main(functools.partial(print, flush=True), methods, not args.no_ray, args.overrides)
+
+
 if __name__ == "__main__":
-    main(functools.partial(print, flush=True))
+    cli()

@@ -220,7 +220,9 @@ def runners(bias: torch.Tensor) -> dict[str, tuple[str, Runner, list[float | Non
 
     def run_freemask(view, treatment, tau, rule):
         params = {
-            k: v for k, v in fm.items() if k not in ("name", "reference_backbone", "keys", "resize", "refine")
+            k: v
+            for k, v in fm.items()
+            if k not in ("name", "reference_backbone", "keys", "no_object", "resize", "refine")
         }
         found_masks = freemask(
             keys(view, treatment), view.grid, **{**params, "scales": tuple(fm["scales"])}, no_object=rule

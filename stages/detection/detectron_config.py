@@ -28,6 +28,10 @@ def add_cutler_config(cfg: CfgNode) -> None:
       optional detectron2 feature: the round-0 YAML turns it on, self-training rounds leave it off.
     - ``MODEL.ROI_HEADS.DROPLOSS.IOU_THRESH``: a proposal whose regressed box has max IoU <= this with every
       pseudo-box of its image gets weight 0 in the classification loss.
+    - ``MODEL.ROI_HEADS.SOFT_TARGET``: CuVLER's soft target loss (Arica et al., CVPR 2024;
+      ``stages/detection/soft_target.py``): a proposal matched to a label of score s (the annotation's
+      ``score``, 1 without one) has the classification target (object s, background 1 - s) and its box and
+      mask losses weighted by s, at every cascade stage. Off by default (CutLER's loss); needs our ROI heads.
     - ``INPUT.COPY_PASTE.ENABLED``: apply the batch-level copy-paste of ``stages/detection/copy_paste.py``.
     - ``INPUT.COPY_PASTE.RATIO_RANGE``: (low, high) <= 1 of the uniform ratio of a pasted source image's
       size to the target image's size (round 0; self-training rounds use (0.5, 1.0) in their YAML).
@@ -37,6 +41,7 @@ def add_cutler_config(cfg: CfgNode) -> None:
     cfg.MODEL.ROI_HEADS.DROPLOSS = CfgNode()
     cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED = False
     cfg.MODEL.ROI_HEADS.DROPLOSS.IOU_THRESH = 0.01
+    cfg.MODEL.ROI_HEADS.SOFT_TARGET = False
 
     cfg.INPUT.COPY_PASTE = CfgNode()
     cfg.INPUT.COPY_PASTE.ENABLED = False

@@ -11,8 +11,11 @@ Pieces:
   classification term; everything else is stock.
 - ``DropLossROIHeads`` (Mask R-CNN) and ``DropLossCascadeROIHeads`` (Cascade Mask R-CNN), registered in
   ``ROI_HEADS_REGISTRY``: they install the predictor (every cascade stage) when
-  ``MODEL.ROI_HEADS.DROPLOSS.ENABLED`` and give each sampled proposal a view of *all* pseudo-boxes of its
-  image (field :data:`IMAGE_GT_BOXES`), because the stock labelling keeps only the matched box.
+  ``MODEL.ROI_HEADS.DROPLOSS.ENABLED`` or ``MODEL.ROI_HEADS.SOFT_TARGET`` and give each sampled proposal a
+  view of *all* pseudo-boxes of its image (field :data:`IMAGE_GT_BOXES`), because the stock labelling keeps
+  only the matched box. With ``SOFT_TARGET`` they also give every cascade stage's proposals their matched
+  label's score and build the score-weighted mask head (CuVLER's soft target loss,
+  ``stages/detection/soft_target.py``).
 
 Difference from CutLER's code, kept on purpose: its cascade heads compare each proposal with only the first
 u of the proposals' *matched* boxes, u = the number of distinct boxes among the first 100 proposals'
@@ -22,7 +25,7 @@ and SPEC's; a proposal can then only be kept where CutLER's code would drop it, 
 
 Use: ``import stages.detection.droploss`` (registers the heads), ``add_cutler_config(cfg)``, then
 ``cfg.MODEL.ROI_HEADS.NAME = "DropLossCascadeROIHeads"`` (or ``"DropLossROIHeads"``).
-With DropLoss disabled these heads build and train exactly like the stock ones.
+With DropLoss and the soft target disabled these heads build and train exactly like the stock ones.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ from detectron2.modeling.roi_heads import (
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import get_event_storage
 from torch.nn import functional as F
+
+from stages.detection.soft_target import (
+    attach_matched_scores,
+    proposal_scores,
+    scored_box_reg_loss,
+    soft_cross_entropy,
+)
 
 # Per-proposal field holding all pseudo-boxes of the proposal's image: an (R, G, 4) tensor, an expanded (not
 # copied) view of the image's (G, 4) gt boxes. Instances only stores per-row fields, hence the repetition.
@@ -75,25 +85,40 @@ def attach_image_gt_boxes(proposals: list[Instances], targets: list[Instances]) 
 
 
 class DropLossFastRCNNOutputLayers(FastRCNNOutputLayers):
-    """``FastRCNNOutputLayers`` with DropLoss on the classification loss.
+    """``FastRCNNOutputLayers`` with DropLoss on the classification loss and, optionally, CuVLER's soft
+    targets (``stages/detection/soft_target.py``).
 
     With DropLoss enabled: ``loss_cls = sum_i w_i * CE_i / N`` over all N sampled proposals of the batch
     (dropped ones count in N), ``w_i`` from :func:`droploss_weights` on the proposal's regressed box
     (``predict_boxes``, detached, not clipped) and all pseudo-boxes of its image. ``loss_box_reg`` and the
-    logged statistics are stock. Disabled: ``losses`` is exactly ``FastRCNNOutputLayers.losses``.
+    logged statistics are stock. Soft target on: ``CE_i`` is :func:`soft_cross_entropy` against the matched
+    label's score (``gt_scores``) and ``loss_box_reg`` is :func:`scored_box_reg_loss`; with DropLoss on as
+    well, ``loss_cls = sum_i w_i * softCE_i / N`` (CuVLER's combination). Both disabled: ``losses`` is
+    exactly ``FastRCNNOutputLayers.losses``.
 
     Needs the proposals' :data:`IMAGE_GT_BOXES` field (set by the DropLoss ROI heads), one regressed box per
     proposal (class-agnostic regression or one class) and softmax cross-entropy.
     """
 
     @configurable
-    def __init__(self, input_shape, *, droploss_enabled: bool, droploss_iou_thresh: float, **kwargs):
-        """Same arguments as ``FastRCNNOutputLayers``, plus the two ``MODEL.ROI_HEADS.DROPLOSS`` values."""
+    def __init__(
+        self,
+        input_shape,
+        *,
+        droploss_enabled: bool,
+        droploss_iou_thresh: float,
+        soft_target: bool = False,
+        **kwargs,
+    ):
+        """Same arguments as ``FastRCNNOutputLayers``, plus the two ``MODEL.ROI_HEADS.DROPLOSS`` values and
+        ``MODEL.ROI_HEADS.SOFT_TARGET``."""
         super().__init__(input_shape, **kwargs)
         self.droploss_enabled = droploss_enabled
         self.droploss_iou_thresh = droploss_iou_thresh
-        if droploss_enabled and self.use_sigmoid_ce:
-            raise ValueError("DropLoss is implemented for softmax cross-entropy only (USE_SIGMOID_CE=False)")
+        self.soft_target = soft_target
+        for name, on in (("DropLoss", droploss_enabled), ("The soft target loss", soft_target)):
+            if on and self.use_sigmoid_ce:
+                raise ValueError(f"{name} needs softmax cross-entropy (USE_SIGMOID_CE=False)")
         if droploss_enabled and self.bbox_pred.out_features != len(self.box2box_transform.weights):
             raise ValueError("DropLoss needs one regressed box per proposal: use CLS_AGNOSTIC_BBOX_REG")
 
@@ -102,6 +127,7 @@ class DropLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret = super().from_config(cfg, input_shape)
         ret["droploss_enabled"] = cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED
         ret["droploss_iou_thresh"] = cfg.MODEL.ROI_HEADS.DROPLOSS.IOU_THRESH
+        ret["soft_target"] = cfg.MODEL.ROI_HEADS.SOFT_TARGET
         return ret
 
     @torch.no_grad()
@@ -122,36 +148,74 @@ class DropLossFastRCNNOutputLayers(FastRCNNOutputLayers):
         return cat(weights, dim=0)
 
     def losses(self, predictions, proposals):
-        """Stock losses, with ``loss_cls`` replaced by the DropLoss-weighted mean when enabled."""
+        """Stock losses, with ``loss_cls`` replaced by the DropLoss-weighted mean when DropLoss is on, and
+        ``loss_cls`` and ``loss_box_reg`` by their soft-target versions when the soft target is on."""
         losses = super().losses(predictions, proposals)
-        scores, _ = predictions
-        if not self.droploss_enabled or scores.shape[0] == 0:
+        scores, deltas = predictions
+        if not (self.droploss_enabled or self.soft_target) or scores.shape[0] == 0:
             return losses
-        weights = self.proposal_weights(predictions, proposals)
         gt_classes = cat([p.gt_classes for p in proposals], dim=0)
-        per_proposal = F.cross_entropy(scores, gt_classes, reduction="none")
-        loss_cls = (weights * per_proposal).sum() / per_proposal.numel()
+        if self.soft_target:
+            gt_scores = proposal_scores(proposals, scores.device)
+            per_proposal = soft_cross_entropy(scores, gt_classes, gt_scores)
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            gt_boxes = cat(
+                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0
+            )  # stock's placeholder for images without labels (all background: no box loss)
+            loss_box = scored_box_reg_loss(self, proposal_boxes, gt_boxes, deltas, gt_classes, gt_scores)
+            losses["loss_box_reg"] = loss_box * self.loss_weight.get("loss_box_reg", 1.0)
+        else:
+            per_proposal = F.cross_entropy(scores, gt_classes, reduction="none")
+        if self.droploss_enabled:
+            weights = self.proposal_weights(predictions, proposals)
+            per_proposal = weights * per_proposal
+            get_event_storage().put_scalar("fast_rcnn/droploss_kept_fraction", weights.mean().item())
+        loss_cls = per_proposal.sum() / per_proposal.numel()
         losses["loss_cls"] = loss_cls * self.loss_weight.get("loss_cls", 1.0)
-        get_event_storage().put_scalar("fast_rcnn/droploss_kept_fraction", weights.mean().item())
         return losses
 
 
+def _custom_losses(cfg) -> bool:
+    """Whether the box predictor must be ours: DropLoss or the soft target is on."""
+    return cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED or cfg.MODEL.ROI_HEADS.SOFT_TARGET
+
+
+# The stock mask head and its soft-target version (same layers, loss weighted by the labels' scores).
+_STOCK_MASK_HEAD, _SCORED_MASK_HEAD = "MaskRCNNConvUpsampleHead", "ScoredMaskRCNNConvUpsampleHead"
+
+
 class _ImageGtBoxesMixin:
-    """Adds :data:`IMAGE_GT_BOXES` to the proposals sampled for the (first-stage) box head."""
+    """Adds :data:`IMAGE_GT_BOXES` to the proposals sampled for the (first-stage) box head (their
+    ``gt_scores``, when the targets have them, are copied by detectron2 with every other ``gt_`` field), and
+    builds the score-weighted mask head when the soft target is on."""
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals, targets):
         return attach_image_gt_boxes(super().label_and_sample_proposals(proposals, targets), targets)
 
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        if cfg.MODEL.MASK_ON and cfg.MODEL.ROI_HEADS.SOFT_TARGET:
+            if cfg.MODEL.ROI_MASK_HEAD.NAME != _STOCK_MASK_HEAD:
+                raise ValueError(
+                    f"MODEL.ROI_HEADS.SOFT_TARGET weights the mask loss of {_STOCK_MASK_HEAD} only, "
+                    f"got MODEL.ROI_MASK_HEAD.NAME '{cfg.MODEL.ROI_MASK_HEAD.NAME}'"
+                )
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.ROI_MASK_HEAD.NAME = _SCORED_MASK_HEAD
+        return super()._init_mask_head(cfg, input_shape)
+
 
 @ROI_HEADS_REGISTRY.register()
 class DropLossROIHeads(_ImageGtBoxesMixin, StandardROIHeads):
-    """``StandardROIHeads`` (Mask R-CNN) whose box predictor applies DropLoss when enabled in the config."""
+    """``StandardROIHeads`` (Mask R-CNN) whose box predictor applies DropLoss and whose box predictor and
+    mask head apply the soft target when enabled in the config."""
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        if cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED:
+        if _custom_losses(cfg):
             stock = ret["box_predictor"]
             ret["box_predictor"] = DropLossFastRCNNOutputLayers(
                 cfg, ret["box_head"].output_shape, box2box_transform=stock.box2box_transform
@@ -161,12 +225,13 @@ class DropLossROIHeads(_ImageGtBoxesMixin, StandardROIHeads):
 
 @ROI_HEADS_REGISTRY.register()
 class DropLossCascadeROIHeads(_ImageGtBoxesMixin, CascadeROIHeads):
-    """``CascadeROIHeads`` whose box predictor of every stage applies DropLoss when enabled in the config."""
+    """``CascadeROIHeads`` whose box predictor of every stage applies DropLoss, and whose box predictors and
+    mask head apply the soft target, when enabled in the config."""
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
         ret = super()._init_box_head(cfg, input_shape)
-        if cfg.MODEL.ROI_HEADS.DROPLOSS.ENABLED:
+        if _custom_losses(cfg):
             ret["box_predictors"] = [
                 # Each stage keeps its own box2box_transform (the cascade's per-stage regression weights).
                 DropLossFastRCNNOutputLayers(
@@ -178,5 +243,9 @@ class DropLossCascadeROIHeads(_ImageGtBoxesMixin, CascadeROIHeads):
 
     @torch.no_grad()
     def _match_and_label_boxes(self, proposals, stage, targets):
-        # Stages >= 1 relabel the previous stage's boxes; they need the image's pseudo-boxes as well.
-        return attach_image_gt_boxes(super()._match_and_label_boxes(proposals, stage, targets), targets)
+        # Stages >= 1 relabel the previous stage's boxes; they need the image's pseudo-boxes as well, and with
+        # the soft target the score of the label each box is now matched to.
+        proposals = attach_image_gt_boxes(super()._match_and_label_boxes(proposals, stage, targets), targets)
+        if getattr(self.box_predictor[stage], "soft_target", False):
+            proposals = attach_matched_scores(proposals, targets, self.proposal_matchers[stage])
+        return proposals

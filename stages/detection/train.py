@@ -49,6 +49,9 @@ class TrainConfig:
     merge_iou: float  # an old mask survives when its max IoU with the kept predictions is below this
     detections_per_image: int  # predictions per image when re-labelling
     num_gpus: int  # 0 = every visible GPU (none on a CPU machine)
+    # CuVLER's soft target loss (Arica et al., CVPR 2024) in every round: labels weighted by their score
+    # (MODEL.ROI_HEADS.SOFT_TARGET); off: CutLER's loss. Labels without a score count as score 1.
+    soft_target: bool
     opts: list[Any]  # extra detectron2 overrides: KEY VALUE ... (checked by detectron2 when selftrain starts)
 
     def validate(self, key: str) -> None:
@@ -73,9 +76,14 @@ class TrainConfig:
         return self.score_thresh[min(round_index, len(self.score_thresh)) - 1]
 
 
+# The ROI heads implementing MODEL.ROI_HEADS.SOFT_TARGET (stages/detection/droploss.py); stock ones ignore it.
+SOFT_TARGET_HEADS = ("DropLossCascadeROIHeads", "DropLossROIHeads")
+
+
 def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weights: str, device: str):
-    """The full detectron2 config of one round: model file, self-training overlay (rounds >= 1), schedule
-    files, ``train.opts``; then what only the pipeline knows (device, weights, norm, output dir)."""
+    """The full detectron2 config of one round: model file, self-training overlay (rounds >= 1),
+    ``train.soft_target``, schedule files, ``train.opts``; then what only the pipeline knows (device, weights,
+    norm, output dir). Raises ValueError for a soft target on heads that do not implement it."""
     from stages.detection.detectron_config import cutler_cfg
     from stages.detection.vitdet import is_vitdet
 
@@ -85,9 +93,15 @@ def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weight
         cfg.merge_from_file(str(DETECTRON_CONFIGS / "selftrain.yaml"))
         if is_vitdet(cfg):  # selftrain.yaml's lr and weight decay are SGD values
             cfg.merge_from_file(str(DETECTRON_CONFIGS / "selftrain_vitdet.yaml"))
+    cfg.MODEL.ROI_HEADS.SOFT_TARGET = train.soft_target
     for name in train.schedule:
         cfg.merge_from_file(str(DETECTRON_CONFIGS / f"{name}.yaml"))
     cfg.merge_from_list(list(train.opts))
+    if cfg.MODEL.ROI_HEADS.SOFT_TARGET and cfg.MODEL.ROI_HEADS.NAME not in SOFT_TARGET_HEADS:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.SOFT_TARGET needs the ROI heads {' or '.join(SOFT_TARGET_HEADS)}, "
+            f"got '{cfg.MODEL.ROI_HEADS.NAME}'"
+        )
     if train.init:  # BN statistics of the DINO ResNet-50 need BN layers; GN stays for random init
         processes = train.num_gpus or torch.cuda.device_count()  # as many as selftrain launches
         norm = "SyncBN" if processes > 1 and device == "cuda" else "BN"
@@ -101,25 +115,35 @@ def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weight
 
 
 def register_labels(name: str, labels: Path, image_root: str) -> None:
-    """Register a COCO label file as detectron2 dataset ``name`` (replacing an older registration)."""
+    """Register a COCO label file as detectron2 dataset ``name`` (replacing an older registration), as
+    detectron2's ``register_coco_instances`` does, but keeping each annotation's ``score`` (its COCO reader
+    drops keys it does not know; the soft target loss reads them, stages/detection/soft_target.py)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
+    from detectron2.data.datasets import load_coco_json
+
+    from stages.detection.soft_target import SCORE_KEY
 
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    register_coco_instances(name, {}, str(labels), image_root)
+    DatasetCatalog.register(
+        name, lambda: load_coco_json(str(labels), image_root, name, extra_annotation_keys=[SCORE_KEY])
+    )
+    MetadataCatalog.get(name).set(json_file=str(labels), image_root=image_root, evaluator_type="coco")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs
 
 
-def check_labels(labels: Path, image_root: str, dataset_files: set[str]) -> dict:
-    """Refuse to train on labels that cannot work; returns the label file's content."""
+def check_labels(labels: Path, image_root: str, dataset_files: set[str], scores: bool = False) -> dict:
+    """Refuse to train on labels that cannot work (with ``scores``: a ``score`` that is not a number in
+    [0, 1], which the soft target loss cannot use); returns the label file's content."""
     data = read_json(labels)
     if not data.get("annotations"):
         raise TrainingError(f"{labels} has no annotations: nothing to train on")
+    if scores:
+        _check_scores(labels, data["annotations"])
     names = [im["file_name"] for im in data["images"]]
     foreign = [n for n in names if n not in dataset_files]
     if foreign:
@@ -133,6 +157,18 @@ def check_labels(labels: Path, image_root: str, dataset_files: set[str]) -> dict
             f"{len(missing)} training images are missing under {image_root} (e.g. {missing[:3]})"
         )
     return data
+
+
+def _check_scores(labels: Path, annotations: list[dict]) -> None:
+    from stages.detection.soft_target import SCORE_KEY
+
+    for a in annotations:
+        score = a.get(SCORE_KEY, 1.0)
+        if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+            raise TrainingError(
+                f"{labels}: annotation {a.get('id')} has {SCORE_KEY} {score!r}; "
+                "train.soft_target needs scores in [0, 1]"
+            )
 
 
 def _d2_name(key: str) -> str | None:
