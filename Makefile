@@ -26,7 +26,7 @@ CLI = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
 RUN ?=
 EVAL_SELECT = $(if $(RUN),--run $(abspath $(RUN)),$(SELECT))
 
-.PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator train-solv test lint \
+.PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator train-solv train-found test lint \
 	bench
 
 install: $(STAMP)
@@ -69,6 +69,10 @@ train-correlator: $(STAMP) $(DATA_DEPS)
 # SOLV's model is trained with METHOD=solv whatever METHOD says (the method picks the reference backbone).
 train-solv: $(STAMP) $(DATA_DEPS)
 	$(CLI) train-solv --dataset $(DATASET) --method solv $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES)
+
+# FOUND's head is trained with METHOD=found whatever METHOD says (the method picks the reference backbone).
+train-found: $(STAMP) $(DATA_DEPS)
+	$(CLI) train-found --dataset $(DATASET) --method found $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES)
 
 eval: $(STAMP) $(DATA_DEPS)
 	$(CLI) eval $(EVAL_SELECT) $(if $(MODEL),--model $(abspath $(MODEL))) $(OVERRIDES)

@@ -61,6 +61,12 @@ def _train_solv(cfg, args) -> None:
     print(train(cfg))
 
 
+def _train_found(cfg, args) -> None:
+    from pipeline.train_found import train_found
+
+    print(train_found(cfg))
+
+
 def _selftrain(cfg, args) -> None:
     from pipeline.selftrain import run
 
@@ -74,6 +80,10 @@ COMMANDS = {
     "eval": (_eval, "detector AP/AR and CorLoc (--model), or video J&F, FG-ARI and mIoU (--method ba, solv)"),
     "train-correlator": (_train_correlator, "train BA's temporal correlator on a video dataset"),
     "train-solv": (_train_solv, "train SOLV's model on a video dataset (--method solv)"),
+    "train-found": (
+        _train_found,
+        "train FOUND's 1x1-convolution head on a dataset's images (--method found)",
+    ),
 }
 
 

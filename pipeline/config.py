@@ -102,8 +102,12 @@ class Config:
         """Short hash of the given top-level sections, less the excluded dotted keys (worker counts etc.)."""
         data = {k: v for k, v in self.to_dict().items() if k in sections}
         for dotted in exclude:
-            name, key = dotted.split(".")
-            data.get(name, {}).pop(key, None)
+            *parents, key = dotted.split(".")
+            node = data
+            for name in parents:
+                node = node.get(name) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(key, None)
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 

@@ -1,6 +1,7 @@
 """Resolving a config once, at the entry point: concrete backbone weights, and the files of the sections a
-video method uses (BA's trained correlator, SOLV's trained model), so that stages and workers get settings
-that name every file they read. Idempotent: resolving a resolved config changes nothing."""
+video method uses (BA's trained correlator, SOLV's trained model) or of an image method's trained model
+(FOUND's head), so that stages and workers get settings that name every file they read. Idempotent:
+resolving a resolved config changes nothing."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from collections.abc import Callable
 from pipeline.config import METHODS, Config, replace
 from pipeline.runs import resolve_backbone
 from pipeline.train_correlator import resolve_correlator
+from pipeline.train_found import resolve_found_head
 from pipeline.train_solv import resolve_solv_model
 
-# Config sections a method may use (VideoMethod.uses) -> how their files are found (sections that name no
-# file, such as 'refine', need none).
+# Config sections a method may use (VideoMethod.uses) and trained models it may discover with
+# (ImageMethod.trained) -> how their files are found (sections that name no file, such as 'refine', need
+# none).
 SECTION_RESOLVERS: dict[str, Callable[[Config], Config]] = {
     "correlator": resolve_correlator,
     "solv_model": resolve_solv_model,
+    "found_head": resolve_found_head,
 }
 
 
@@ -25,7 +29,8 @@ def resolve(cfg: Config) -> Config:
     if cfg.resolved:
         return cfg
     cfg = resolve_backbone(cfg)
-    for name in getattr(METHODS.get(cfg.method.name), "uses", ()):
+    method = METHODS.get(cfg.method.name)
+    for name in (*getattr(method, "uses", ()), *getattr(method, "trained", ())):
         if name in SECTION_RESOLVERS:
             cfg = SECTION_RESOLVERS[name](cfg)
     return replace(cfg, resolved=True)

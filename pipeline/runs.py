@@ -22,18 +22,24 @@ from stages.features.backbone import (
 )
 
 # The config sections that shape each stage's outputs: image labels, video labels (with the sections the
-# video method uses: BA's correlator, SOLV's model), the detector trained on either, and the trained models
-# of video methods (BA's correlator, SOLV's model: stages named after their section).
+# video method uses: BA's correlator, SOLV's model), the detector trained on either, and trained models
+# (stage -> the sections besides seed, dataset and backbone that shape them: BA's correlator and SOLV's model
+# their own section; FOUND's head its method section (the training schedule, key treatment and seed rule)
+# and the refine section (the bilateral solver that refines its targets)).
 IMAGE_LABELS = ("seed", "dataset", "backbone", "method", "refine", "run")
 VIDEO_LABELS = ("seed", "dataset", "backbone", "method")
-TRAINED_SECTIONS = ("correlator", "solv_model")
+TRAINED_SECTIONS = {
+    "correlator": ("correlator",),
+    "solv_model": ("solv_model",),
+    "found_head": ("method", "refine"),
+}
 
 
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
     """The sections that shape ``stage``'s outputs: a video method's own and the sections it ``uses``; a
-    trained model's (BA's correlator, SOLV's solv_model) its own section's."""
+    trained model's (BA's correlator, SOLV's solv_model, FOUND's head) those of ``TRAINED_SECTIONS``."""
     if stage in TRAINED_SECTIONS:
-        return (*VIDEO_LABELS[:3], stage)
+        return (*VIDEO_LABELS[:3], *TRAINED_SECTIONS[stage])
     uses = tuple(getattr(METHODS.get(cfg.method.name), "uses", ()))
     labels = VIDEO_LABELS + uses if cfg.modality == "video" else IMAGE_LABELS
     return {"pseudolabels": labels, "selftrain": (*labels, "train")}[stage]
@@ -57,6 +63,9 @@ EXECUTION_KEYS = (
     "correlator.checkpoint_every",
     "solv_model.checkpoint_every",
     "solv_model.feature_cache_mb",
+    "method.training.max_steps",  # more steps extend FOUND's head training
+    "method.training.checkpoint_every",
+    "method.training.feature_cache_mb",
 )
 
 
@@ -98,8 +107,10 @@ class RunDir:
     path: Path
 
     @classmethod
-    def for_config(cls, cfg: Config, stage: str) -> RunDir:
-        digest = cfg.digest(stage_sections(cfg, stage), EXECUTION_KEYS)
+    def for_config(cls, cfg: Config, stage: str, exclude: tuple[str, ...] = ()) -> RunDir:
+        """The run directory of ``stage`` for ``cfg``; ``exclude``: dotted keys of its sections that do not
+        shape this stage's outputs (besides ``EXECUTION_KEYS``)."""
+        digest = cfg.digest(stage_sections(cfg, stage), EXECUTION_KEYS + exclude)
         method = "correlator" if stage == "correlator" else cfg.method.name
         name = f"{cfg.dataset.name}-{method}-{digest}"
         return cls(resolve(cfg.run.out_dir) / stage / name)

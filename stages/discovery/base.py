@@ -77,6 +77,9 @@ class ImageMethod(DiscoveryMethod):
     modality = "image"
     # Backbone outputs it reads besides the keys: any of "queries", "attention", "tokens", "key_bias".
     needs: tuple[str, ...] = ()
+    # Trained models it can discover with, which the pipeline finds by name before the run
+    # (pipeline/resolve.py SECTION_RESOLVERS; FOUND's 'found_head' for method.head=trained).
+    trained: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -120,6 +120,32 @@ def keys_to_map(keys: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return keys.T.reshape(keys.shape[1], *grid)
 
 
+def head_foreground(
+    head: FoundHead, keys: torch.Tensor, grid: tuple[int, int], no_object: NoObjectRule | None = None
+) -> np.ndarray:
+    """FOUND's foreground of one image by a trained head: (h*w, C) keys (after the same key treatment the
+    head was trained on) -> (h, w) bool, sigmoid(logit) > 0.5. Computed on the CPU in float32 whatever
+    the keys' device, so that a mask does not depend on where the backbone ran. With a ``no_object`` rule,
+    a foreground that separates nothing comes back empty (as ``found``)."""
+    if keys.shape[0] != grid[0] * grid[1] or keys.shape[1] != head.conv.in_channels:
+        raise ValueError(
+            f"keys {tuple(keys.shape)} on a {grid} grid do not fit a head of {head.conv.in_channels} channels"
+        )
+    foreground = head.predict(keys_to_map(keys.float().cpu(), grid)[None])[0].numpy()
+    if no_object is not None and not no_object.separates(foreground):
+        return np.zeros_like(foreground)
+    return foreground
+
+
+def load_head(path: str) -> FoundHead:
+    """The head of a checkpoint written by ``make train-found`` (``FoundState.state_dict``), on the CPU in
+    eval mode. FileNotFoundError when ``path`` is missing; KeyError / RuntimeError on another file."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = FoundHead(int(state["channels"]))
+    head.load_state_dict(state["head"])
+    return head.eval()
+
+
 @dataclass(frozen=True)
 class FoundTraining:
     """FOUND's training schedule (values: FOUND's configs/found_DUTS-TR.yaml)."""
@@ -207,9 +233,12 @@ class FoundState:
     step: int = 0
 
     @classmethod
-    def new(cls, channels: int, cfg: FoundTraining, seed: int) -> FoundState:
+    def new(
+        cls, channels: int, cfg: FoundTraining, seed: int, device: str | torch.device = "cpu"
+    ) -> FoundState:
+        """A fresh head (initial weights drawn from ``seed``) on ``device``, with its optimizer."""
         torch.manual_seed(seed)  # the convolution's initial weights
-        head = FoundHead(channels)
+        head = FoundHead(channels).to(device)
         return cls(head, *make_optimizer(head, cfg))
 
     def state_dict(self) -> dict:
@@ -223,11 +252,14 @@ class FoundState:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict, cfg: FoundTraining) -> FoundState:
-        """Rebuild a training from ``state_dict``'s output (raises KeyError on a checkpoint missing a
-        part, RuntimeError on weights of another shape)."""
+    def from_state_dict(
+        cls, state: dict, cfg: FoundTraining, device: str | torch.device = "cpu"
+    ) -> FoundState:
+        """Rebuild a training on ``device`` from ``state_dict``'s output (raises KeyError on a checkpoint
+        missing a part, RuntimeError on weights of another shape)."""
         head = FoundHead(state["channels"])
         head.load_state_dict(state["head"])
+        head.to(device)
         optimizer, scheduler = make_optimizer(head, cfg)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -308,15 +340,32 @@ class FoundTrainingConfig:
     refined_weight: float
     self_weight: float
     min_iou: float
+    crop_size: int  # the square training view's side in pixels (FOUND: 224 crops)
+    checkpoint_every: int  # steps between checkpoints
+    feature_cache_mb: int  # frozen backbone outputs kept in memory; beyond it recomputed per batch
 
     def validate(self, key: str) -> None:
-        for name in ("lr", "step_size", "gamma", "batch_size", "max_steps"):
+        for name in ("lr", "step_size", "gamma", "batch_size", "max_steps", "crop_size", "checkpoint_every"):
             positive(f"{key}.{name}", getattr(self, name))
+        if self.feature_cache_mb < 0:
+            fail(f"{key}.feature_cache_mb", f"must be >= 0, got {self.feature_cache_mb}")
         for name in ("coarse_steps", "refined_weight", "self_weight"):
             if getattr(self, name) < 0:
                 fail(f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.min_iou <= 1:
             fail(f"{key}.min_iou", f"must be in [0, 1], got {self.min_iou}")
+
+    def schedule(self) -> FoundTraining:
+        """The optimisation schedule of ``train``."""
+        return FoundTraining(
+            self.lr,
+            self.step_size,
+            self.gamma,
+            self.coarse_steps,
+            self.refined_weight,
+            self.self_weight,
+            self.max_steps,
+        )
 
 
 @section
@@ -331,6 +380,9 @@ class FoundConfig:
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
     training: FoundTrainingConfig  # the 1x1-convolution head (FOUND's light model)
+    # A head checkpoint (make train-found) that predicts the foreground instead of the seed rule; null =
+    # training-free; 'trained' = the one make train-found wrote for this dataset and backbone.
+    head: str | None
 
     def validate(self, key: str) -> None:
         if not -1.0 <= self.tau < 1.0:
@@ -345,16 +397,38 @@ class FoundConfig:
 
 @METHODS.register("found")
 class Found(ImageMethod):
-    """FOUND (Simeoni et al., CVPR 2023), training-free: the foreground is every patch unlike the least
-    CLS-attended one. Its objects are the foreground's 4-connected components of at least ``min_patches``
+    """FOUND (Simeoni et al., CVPR 2023): the foreground is every patch unlike the least CLS-attended one
+    (training-free), or, with ``method.head``, what its trained 1x1-convolution head predicts on the
+    treated keys. Its objects are the foreground's 4-connected components of at least ``min_patches``
     patches, largest first (the first is what FOUND boxes for localisation)."""
 
     Config = FoundConfig
     needs = ("attention", "key_bias")
+    trained = ("found_head",)  # method.head=trained: found by the pipeline (pipeline/resolve.py)
 
-    def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
+    def __init__(self, cfg: FoundConfig, head: FoundHead | None = None):
+        super().__init__(cfg)
+        self.head = head
+
+    @classmethod
+    def from_config(cls, cfg: FoundConfig) -> Found:
+        """Built once per worker: the head checkpoint ``cfg.head`` (a resolved path) is read here.
+        FileNotFoundError naming the key when it is missing."""
+        if cfg.head is None:
+            return cls(cfg)
+        try:
+            return cls(cfg, load_head(cfg.head))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config key 'method.head': no such file '{cfg.head}'") from e
+
+    def foreground(self, feats: PatchFeatures) -> np.ndarray:
+        """The image's (h, w) bool foreground, before the split into objects."""
         c = self.cfg
         keys = treated_keys(feats, c.keys[feats.family])
         rule = no_object_rule(feats, c.no_object)
-        foreground = found(keys, cls_attention(feats.attention), feats.grid, c.tau, c.reweight, rule)
-        return [part for part in components(foreground) if part.sum() >= c.min_patches]
+        if self.head is not None:
+            return head_foreground(self.head, keys, feats.grid, rule)
+        return found(keys, cls_attention(feats.attention), feats.grid, c.tau, c.reweight, rule)
+
+    def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
+        return [part for part in components(self.foreground(feats)) if part.sum() >= self.cfg.min_patches]
