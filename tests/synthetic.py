@@ -57,7 +57,8 @@ def hard_scene(
     object-background ~-0.1: a cut at tau 0.15 separates the objects from one background, a higher tau
     also splits the bands (MaskCut then returns a band as an object), a tau below 0 joins objects and
     background. ``offset`` adds one shared vector to every key
-    (as DINOv2's keys have): raw cosines are then all high, and only centred keys can be cut.
+    (as DINOv2's keys have): raw cosines are then all high, and only centred keys, or keys minus that
+    vector (``hard_scene_bias``, the 'no_bias' treatment's key bias), can be cut.
     """
     rng = np.random.default_rng(seed)
     n = 2 + len(shapes)
@@ -65,7 +66,7 @@ def hard_scene(
     gram[:2, :] = gram[:, :2] = background_similarity
     gram[0, 1] = gram[1, 0] = 0.7
     np.fill_diagonal(gram, 1.0)
-    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    basis = _scene_basis(rng, dim)
     directions = np.linalg.cholesky(gram) @ basis[:n]  # unit rows with exactly that Gram matrix
     h, w = grid
     region = np.where(np.arange(h)[:, None] < 0.55 * h, 0, 1).repeat(w, axis=1)
@@ -76,6 +77,17 @@ def hard_scene(
         truth = [t & ~inside for t in truth] + [inside]
     keys = directions[region] + noise * rng.standard_normal((h, w, dim)) / np.sqrt(dim) + offset * basis[-1]
     return torch.from_numpy(keys.reshape(h * w, dim)).float(), truth
+
+
+def _scene_basis(rng: np.random.Generator, dim: int) -> np.ndarray:
+    """(dim, dim) random orthonormal rows: the first directions of a scene's regions, the last its offset."""
+    return np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+
+
+def hard_scene_bias(seed: int, offset: float, dim: int = 64) -> torch.Tensor:
+    """(dim,) the shared vector ``hard_scene(..., seed, offset=offset, dim=dim)`` adds to every key: the
+    scene's planted key bias."""
+    return torch.from_numpy(offset * _scene_basis(np.random.default_rng(seed), dim)[-1]).float()
 
 
 def box_iou(a, b) -> float:

@@ -57,6 +57,21 @@ def test_bad_configs_fail_naming_the_key(override, key):
         load_config("demo", "maskcut", [override])
 
 
+@pytest.mark.parametrize(
+    "method, override, key",
+    [
+        ("maskcut", "method.graph.dinov2.keys=whitened", "method.graph.dinov2.keys"),
+        ("tokencut", "method.graph.dino.keys=true", "method.graph.dino.keys"),
+        ("lost", "method.keys.dinov2=centred", "method.keys.dinov2"),
+        ("lost", "method.keys.dinov3=raw", "method.keys.dinov3"),
+        ("maskcut", "method.graph.dino.center_keys=true", "method.graph.dino.center_keys"),  # the old boolean
+    ],
+)
+def test_bad_key_treatments_fail_naming_the_key(method, override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("demo", method, [override])
+
+
 def test_unknown_dataset_and_bad_override_syntax():
     with pytest.raises(ConfigError, match="available: .*voc07"):
         load_config("voc2099", "maskcut")

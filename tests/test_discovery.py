@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from stages.discovery.base import keys_to_masks
+from stages.discovery.base import METHODS, keys_to_masks
 from stages.discovery.lost import lost
 from stages.discovery.maskcut import maskcut
 from stages.discovery.ncut import patch_box, seed_component
 from stages.discovery.tokencut import tokencut
 from stages.refinement.refine import mask_iou
-from tests.synthetic import hard_scene, planted_keys
+from tests.synthetic import hard_scene, hard_scene_bias, planted_keys
 
 ONE = [(3, 4, 10, 12)]
 TWO = [(2, 2, 8, 9), (14, 15, 20, 24)]
@@ -121,6 +121,7 @@ HARD = (24, 32)
 HARD_TWO = [("ellipse", 4, 5, 13, 14), ("box", 11, 18, 21, 29)]
 HARD_THREE = [("ellipse", 2, 2, 11, 11), ("box", 14, 21, 22, 30), ("box", 3, 19, 10, 28)]
 DINOV2_OFFSET = 3.0  # one vector shared by every key: raw cosines all near 1, as with DINOv2
+FAMILY_OFFSETS = [("dino", 0.0), ("dinov2", DINOV2_OFFSET)]
 
 
 def configured(method: str):
@@ -147,19 +148,21 @@ def test_maskcut_defaults_find_each_object_of_a_hard_dinov2_scene(seed, one_thre
     assert_each_object_once(keys_to_masks(keys, HARD, configured("maskcut"), "dinov2"), truth, 0.95)
 
 
-@pytest.mark.parametrize("family, offset", [("dino", 0.0), ("dinov2", DINOV2_OFFSET)])
+@pytest.mark.parametrize("family, offset", FAMILY_OFFSETS)
 @pytest.mark.parametrize("seed", range(3))
 def test_tokencut_defaults_find_an_object_of_a_hard_scene(family, offset, seed, one_thread):
     keys, truth = hard_scene(HARD, HARD_TWO, seed, object_similarity=0.6, offset=offset)
-    (mask,) = keys_to_masks(keys, HARD, configured("tokencut"), family)
+    bias = hard_scene_bias(seed, offset)
+    (mask,) = keys_to_masks(keys, HARD, configured("tokencut"), family, bias)
     assert max(mask_iou(mask, t) for t in truth) >= 0.95
 
 
+@pytest.mark.parametrize("family, offset", FAMILY_OFFSETS)
 @pytest.mark.parametrize("shapes", [HARD_TWO, HARD_THREE], ids=["two", "three"])
 @pytest.mark.parametrize("seed", range(3))
-def test_lost_defaults_find_an_object_of_a_hard_scene(shapes, seed, one_thread):
-    keys, truth = hard_scene(HARD, shapes, seed, object_similarity=0.6)
-    (mask,) = keys_to_masks(keys, HARD, configured("lost"), "dino")
+def test_lost_defaults_find_an_object_of_a_hard_scene(family, offset, shapes, seed, one_thread):
+    keys, truth = hard_scene(HARD, shapes, seed, object_similarity=0.6, offset=offset)
+    (mask,) = keys_to_masks(keys, HARD, configured("lost"), family, hard_scene_bias(seed, offset))
     assert max(mask_iou(mask, t) for t in truth) >= 0.95
 
 
@@ -168,16 +171,17 @@ def _with_tau(cfg, family: str, tau: float):
     return dataclasses.replace(cfg, graph=graph)
 
 
-@pytest.mark.parametrize("family, offset", [("dino", 0.0), ("dinov2", DINOV2_OFFSET)])
+@pytest.mark.parametrize("family, offset", FAMILY_OFFSETS)
 @pytest.mark.parametrize("seed", range(3))
 def test_tokencut_tau_is_pinned_from_both_sides(family, offset, seed, one_thread):
     # Objects at cosine 0.3 to both background bands (patch cosines about 0.1 after the noise): a tau of 0
     # joins objects and background, 0.4 breaks the object apart, the default 0.2 does neither.
     keys, truth = hard_scene(HARD, HARD_TWO, seed, 0.6, background_similarity=0.3, offset=offset)
+    bias = hard_scene_bias(seed, offset)
     cfg = configured("tokencut")
 
     def best(method_cfg) -> float:
-        (mask,) = keys_to_masks(keys, HARD, method_cfg, family)
+        (mask,) = keys_to_masks(keys, HARD, method_cfg, family, bias)
         return max(mask_iou(mask, t) for t in truth)
 
     assert cfg.graph[family].tau == 0.2 and best(cfg) >= 0.95
@@ -199,3 +203,51 @@ def test_lost_needs_its_candidate_set_and_raw_keys_on_a_noisy_scene(one_thread):
     assert mean_best(lambda keys: keys_to_masks(keys, HARD, cfg, "dino")[0]) >= 0.975
     assert mean_best(lambda keys: lost(keys, HARD, 5)) < 0.975
     assert mean_best(lambda keys: lost(keys - keys.mean(dim=0), HARD, cfg.k)) < 0.975
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Key treatments (method.graph.<family>.keys for MaskCut and TokenCut, method.keys.<family> for LOST) on a
+# DINOv2-like scene: raw keys all alike (a planted bias), so raw fails; 'centered' removes the mean key;
+# 'no_bias' removes the key bias it is given, so with a zero bias it fails like raw: the bias is what it uses.
+
+
+def _with_keys(cfg, family: str, treatment: str):
+    if cfg.name == "lost":
+        return dataclasses.replace(cfg, keys={**cfg.keys, family: treatment})
+    graph = {**cfg.graph, family: dataclasses.replace(cfg.graph[family], keys=treatment)}
+    return dataclasses.replace(cfg, graph=graph)
+
+
+# (treatment, the true bias given, else zeros) -> finds the objects; the same for MaskCut, TokenCut and LOST
+TREATED = {
+    ("raw", True): False,
+    ("centered", False): True,
+    ("no_bias", True): True,
+    ("no_bias", False): False,
+}
+
+
+@pytest.mark.parametrize("method", ["maskcut", "tokencut", "lost"])
+@pytest.mark.parametrize("seed", range(2))
+def test_each_key_treatment_is_applied(method, seed, one_thread):
+    keys, truth = hard_scene(HARD, HARD_TWO, seed, object_similarity=0.6, offset=DINOV2_OFFSET)
+    bias = hard_scene_bias(seed, DINOV2_OFFSET)
+    wanted = len(truth) if method == "maskcut" else 1  # MaskCut finds both objects, the others one
+    for (treatment, biased), finds in TREATED.items():
+        cfg = _with_keys(configured(method), "dinov2", treatment)
+        masks = keys_to_masks(keys, HARD, cfg, "dinov2", bias if biased else torch.zeros_like(bias))
+        found = sum(max((mask_iou(m, t) for m in masks), default=0.0) >= 0.95 for t in truth)
+        assert (found >= wanted) == finds, (treatment, biased, found)
+
+
+@pytest.mark.parametrize("method", ["maskcut", "tokencut", "lost"])
+def test_key_treatment_defaults_and_the_bias_they_need(method):
+    cfg = configured(method)
+    treatments = cfg.keys if method == "lost" else {f: g.keys for f, g in cfg.graph.items()}
+    # The papers' raw keys on DINO; on DINOv2 the measured best (README "DINOv2 keys").
+    assert treatments == {"dino": "raw", "dinov2": "centered" if method == "maskcut" else "no_bias"}
+    # The key bias is fetched only when a family's treatment uses it.
+    assert ("key_bias" in METHODS.get(method).from_config(cfg).needs) == (method != "maskcut")
+    raw = _with_keys(_with_keys(cfg, "dino", "raw"), "dinov2", "raw")
+    assert "key_bias" not in METHODS.get(method).from_config(raw).needs
+    assert "key_bias" in METHODS.get(method).from_config(_with_keys(raw, "dino", "no_bias")).needs

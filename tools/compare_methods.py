@@ -394,7 +394,7 @@ def votecut_vs_maskcut() -> str:
         add_views(backbone, picture)
     mc = method_config("maskcut")
     graph = mc["graph"]["dinov2"]
-    treatment = "centered" if graph["center_keys"] else "raw"
+    treatment = graph["keys"]
     _, run_maskcut, _ = runners(bias)["MaskCut"]
     treatments = tuple(dict.fromkeys(s["keys"] for s in method_config("votecut")["sources"]["dinov2"]))
     views = [p.views["r480"] for p in demo]

@@ -83,9 +83,17 @@ class ImageMethod(DiscoveryMethod):
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        if getattr(cfg, "no_object", None) is not None and "key_bias" not in self.needs:
-            # The no-object rule reads the bias-free keys: the key bias is fetched only when the rule is on.
+        uses_bias = getattr(cfg, "no_object", None) is not None or "no_bias" in self.key_treatments()
+        if uses_bias and "key_bias" not in self.needs:
+            # The no-object rule and the 'no_bias' key treatment read the bias-free keys: the key bias is
+            # fetched only when one of them is on.
             self.needs = (*self.needs, "key_bias")
+
+    def key_treatments(self) -> tuple[str, ...]:
+        """The key treatments (``KeyTreatment``) this method's config can apply, any backbone family; a
+        method that reads the key bias for them unconditionally may leave this empty and list the bias in
+        ``needs``."""
+        return ()
 
     @classmethod
     def from_config(cls, cfg: Any) -> ImageMethod:
@@ -95,12 +103,22 @@ class ImageMethod(DiscoveryMethod):
         raise NotImplementedError
 
 
-def keys_to_masks(keys: torch.Tensor, grid: tuple[int, int], cfg: Any, family: str) -> list[np.ndarray]:
+def keys_to_masks(
+    keys: torch.Tensor,
+    grid: tuple[int, int],
+    cfg: Any,
+    family: str,
+    key_bias: torch.Tensor | None = None,
+) -> list[np.ndarray]:
     """Patch keys (h*w, C) of one image -> the (h, w) bool patch masks of the registered image method
     configured by ``cfg`` (its config section), for a backbone of ``family`` ('dino' or 'dinov2'). For
     methods that read only the keys (MaskCut, TokenCut, LOST): the others need the ``PatchFeatures`` the
-    pseudo-label stage builds."""
-    return METHODS.get(cfg.name).from_config(cfg)(PatchFeatures(keys, grid, family))
+    pseudo-label stage builds. ``key_bias`` (C,): the last block's key bias, needed when the family's key
+    treatment is 'no_bias'."""
+    return METHODS.get(cfg.name).from_config(cfg)(PatchFeatures(keys, grid, family, key_bias=key_bias))
+
+
+KeyTreatment = Literal["raw", "centered", "no_bias"]  # stages/discovery/ncut.py treat_keys
 
 
 @section
@@ -108,7 +126,7 @@ class GraphConfig:
     """How the patch affinity graph is built from keys, for one backbone family."""
 
     tau: float  # similarity threshold of the binary graph
-    center_keys: bool  # subtract the per-image mean key first (DINOv2, see SPEC "Backbone")
+    keys: KeyTreatment  # raw | centered (minus the image's mean key) | no_bias (minus the key bias)
 
     def validate(self, key: str) -> None:
         if not -1.0 <= self.tau < 1.0:
@@ -121,9 +139,6 @@ def validate_graphs(graph: dict[str, GraphConfig], key: str) -> None:
         fail(f"{key}.{family}", "settings are needed for exactly the backbone families 'dino' and 'dinov2'")
     for family, g in graph.items():
         g.validate(f"{key}.{family}")
-
-
-KeyTreatment = Literal["raw", "centered", "no_bias"]  # stages/discovery/ncut.py treat_keys
 
 
 def validate_families(per_family: dict, key: str) -> None:
@@ -142,6 +157,15 @@ def treated_keys(feats: PatchFeatures, treatment: str) -> torch.Tensor:
     """The image's keys after ``treatment`` (raw, centered, no_bias: ``treat_keys``); no_bias needs
     ``key_bias`` in the method's ``needs``."""
     return treat_keys(feats.keys, treatment, feats.key_bias)
+
+
+def graph_keys(feats: PatchFeatures, treatment: str) -> tuple[torch.Tensor, bool]:
+    """(keys, center) for the graph methods' pure functions (MaskCut, TokenCut: ``unit_keys(keys,
+    center)``). 'centered' passes the raw keys with center=True, the path those functions always had (their
+    outputs stay bit for bit the same); 'raw' and 'no_bias' pass ``treated_keys`` with center=False."""
+    if treatment == "centered":
+        return feats.keys, True
+    return treated_keys(feats, treatment), False
 
 
 def no_object_rule(feats: PatchFeatures, max_cosine: float | None) -> NoObjectRule | None:

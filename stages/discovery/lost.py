@@ -9,7 +9,16 @@ import numpy as np
 import torch
 
 from stages.common.schema import positive, section
-from stages.discovery.base import METHODS, ImageMethod, PatchFeatures, no_object_rule, validate_max_cosine
+from stages.discovery.base import (
+    METHODS,
+    ImageMethod,
+    KeyTreatment,
+    PatchFeatures,
+    no_object_rule,
+    treated_keys,
+    validate_families,
+    validate_max_cosine,
+)
 from stages.discovery.ncut import seed_component
 from stages.discovery.no_object import NoObjectRule
 
@@ -17,7 +26,8 @@ from stages.discovery.no_object import NoObjectRule
 def lost(
     keys: torch.Tensor, grid: tuple[int, int], k: int, no_object: NoObjectRule | None = None
 ) -> np.ndarray:
-    """Keys (h*w, d) of one image (raw: not normalised, not centred) -> (h, w) bool object mask.
+    """Keys (h*w, d) of one image (not normalised; after any key treatment, ``treat_keys``) -> (h, w) bool
+    object mask.
 
     A = F F^T. Degree of a patch = number of positive similarities to other patches; seed = the patch of
     minimum degree. S = the seed's positively correlated patches among the k lowest-degree ones; the object
@@ -46,12 +56,14 @@ class LostConfig:
     name: Literal["lost"]
     reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
     k: int  # size of the low-degree candidate set
+    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
     no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
 
     def validate(self, key: str) -> None:
         positive(f"{key}.k", self.k)
+        validate_families(self.keys, f"{key}.keys")
         if self.resize is not None:
             positive(f"{key}.resize", self.resize)
         validate_max_cosine(self.no_object, f"{key}.no_object")
@@ -62,6 +74,12 @@ class Lost(ImageMethod):
     """LOST (Simeoni et al., BMVC 2021): one object per image, grown from the least connected patch."""
 
     Config = LostConfig
+    version = 2  # 2: DINOv2 keys minus the key bias (method.keys.dinov2: no_bias), were raw
+
+    def key_treatments(self) -> tuple[str, ...]:
+        return tuple(self.cfg.keys.values())
 
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
-        return [lost(feats.keys, feats.grid, self.cfg.k, no_object_rule(feats, self.cfg.no_object))]
+        c = self.cfg
+        keys = treated_keys(feats, c.keys[feats.family])
+        return [lost(keys, feats.grid, c.k, no_object_rule(feats, c.no_object))]

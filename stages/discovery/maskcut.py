@@ -15,6 +15,7 @@ from stages.discovery.base import (
     GraphConfig,
     ImageMethod,
     PatchFeatures,
+    graph_keys,
     no_object_rule,
     validate_graphs,
     validate_max_cosine,
@@ -116,15 +117,19 @@ class MaskCut(ImageMethod):
 
     Config = MaskCutConfig
 
+    def key_treatments(self) -> tuple[str, ...]:
+        return tuple(g.keys for g in self.cfg.graph.values())
+
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         c = self.cfg
         graph = c.graph[feats.family]
+        keys, center = graph_keys(feats, graph.keys)
         return maskcut(
-            feats.keys,
+            keys,
             feats.grid,
             graph.tau,
             c.eps,
-            graph.center_keys,
+            center,
             c.n_masks,
             c.max_overlap,
             c.min_area,

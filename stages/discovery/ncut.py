@@ -61,8 +61,8 @@ KEY_TREATMENTS = ("raw", "centered", "no_bias")
 def treat_keys(keys: torch.Tensor, treatment: str, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """(..., n, d) keys -> (..., n, d) float32 keys, before any graph is built from them.
 
-    'raw': unchanged. 'centered': minus the image's mean key (data-driven; what TokenCut and MaskCut do on
-    DINOv2 today). 'no_bias': minus ``key_bias`` (d,), the last block's key-projection bias (heads
+    'raw': unchanged. 'centered': minus the image's mean key (data-driven; MaskCut's and FreeMask's
+    DINOv2 default). 'no_bias': minus ``key_bias`` (d,), the last block's key-projection bias (heads
     concatenated, as ``Backbone.key_bias`` gives it): softmax attention is unchanged by a constant added to
     every key, so training never bounds that bias, and in DINOv2-S/14 it is most of every key (README, "Key
     bias"); removing it is a per-backbone fix that does not depend on the image. Raises ValueError for an

@@ -2,7 +2,7 @@
 
 Every discovery method returns a mask for any input: a uniform grey image gets halves and quarters from
 MaskCut, the whole frame from TokenCut. Those masks become false positives in every self-training round.
-The graph a method cuts cannot tell: per-image centred keys (what TokenCut and MaskCut use on DINOv2)
+The graph a method cuts cannot tell: per-image centred keys (what MaskCut uses on DINOv2)
 rescale whatever tiny variation is left (position embedding, JPEG noise, padding) into a graph as
 structured as a real image's, so its eigengap and normalized-cut value overlap real images' (README, "No
 object", gives the measurements).

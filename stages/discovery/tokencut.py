@@ -13,6 +13,7 @@ from stages.discovery.base import (
     GraphConfig,
     ImageMethod,
     PatchFeatures,
+    graph_keys,
     no_object_rule,
     validate_graphs,
     validate_max_cosine,
@@ -72,9 +73,14 @@ class TokenCut(ImageMethod):
     """TokenCut (Wang et al., CVPR 2022 / TPAMI 2023): one object per image."""
 
     Config = TokenCutConfig
+    version = 2  # 2: DINOv2 keys minus the key bias (method.graph.dinov2.keys: no_bias), were centred
+
+    def key_treatments(self) -> tuple[str, ...]:
+        return tuple(g.keys for g in self.cfg.graph.values())
 
     def __call__(self, feats: PatchFeatures) -> list[np.ndarray]:
         graph = self.cfg.graph[feats.family]
         c = self.cfg
         rule = no_object_rule(feats, c.no_object)
-        return [tokencut(feats.keys, feats.grid, graph.tau, c.eps, graph.center_keys, c.solver, rule)]
+        keys, center = graph_keys(feats, graph.keys)
+        return [tokencut(keys, feats.grid, graph.tau, c.eps, center, c.solver, rule)]
