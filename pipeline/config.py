@@ -229,10 +229,21 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     method = saved.get("method", {}).get("name") if isinstance(saved.get("method"), dict) else None
     if method in available("methods"):
         data = merge(data, _named_yaml("methods", method))
+        _renamed_graph_keys(saved["method"], data["method"])
     data = merge(data, saved)
     for text in overrides:
         data = merge(data, parse_override(text))
     return build(data)
+
+
+def _renamed_graph_keys(saved: dict, today: dict) -> None:
+    """A run saved before graph methods took a key treatment has ``graph.<family>.center_keys`` (bool)
+    where today's method file has ``graph.<family>.keys``: the same setting, renamed in place (true ->
+    'centered', false -> 'raw'). Methods whose file still has ``center_keys`` (ssl-vos) keep it."""
+    for family, graph in (saved.get("graph") or {}).items():
+        current = (today.get("graph") or {}).get(family) or {}
+        if isinstance(graph, dict) and "center_keys" in graph and "keys" in current and "keys" not in graph:
+            graph["keys"] = "centered" if graph.pop("center_keys") else "raw"
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -229,3 +229,21 @@ def test_a_run_saved_before_a_config_key_existed_still_loads(first_run, tmp_path
     (old / "config.yaml").write_text(yaml.safe_dump(data))
     cfg = load_run_config(old)
     assert cfg.run.shard_retries == load_config().run.shard_retries and cfg.method.name == "planted_box"
+
+
+@pytest.mark.parametrize(
+    "method, centred, expected", [("maskcut", True, "centered"), ("tokencut", False, "raw")]
+)
+def test_a_run_saved_with_center_keys_loads_with_the_key_treatment(tmp_path, method, centred, expected):
+    # Graph methods had graph.<family>.center_keys (bool) before the key treatment replaced it.
+    data = load_config("demo", method).to_dict()
+    for graph in data["method"]["graph"].values():
+        del graph["keys"]
+        graph["center_keys"] = centred
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_run_config(tmp_path)
+    assert {g.keys for g in cfg.method.graph.values()} == {expected}
+    # ssl-vos still names its setting center_keys: a saved ssl-vos run is left as it is.
+    sslvos = load_config("demo-video", "sslvos").to_dict()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(sslvos))
+    assert load_run_config(tmp_path).method.graph == load_config("demo-video", "sslvos").method.graph
