@@ -82,19 +82,21 @@ def make_worker(
     return work
 
 
+def worker_factory(
+    cfg: Config, overlay_ids: frozenset[int] = frozenset(), refine_processes: int | None = None
+):
+    """``make_worker`` with ``cfg``'s settings, for a Ray actor to call (``refine_processes``: None =
+    ``cfg.run.refine_processes``)."""
+    run = cfg.run
+    processes = run.refine_processes if refine_processes is None else refine_processes
+    return functools.partial(
+        make_worker, cfg.backbone, cfg.seed, cfg.method, cfg.refine, run.max_patches, overlay_ids, processes
+    )
+
+
 def image_stage(cfg: Config, run_dir: RunDir, records: list[ImageRecord]) -> ShardedStage:
     """The discovery stage of ``cfg`` over ``records``, writing into ``run_dir``."""
-    overlay_ids = frozenset(r.id for r in records[: cfg.run.overlays])
-    factory = functools.partial(
-        make_worker,
-        cfg.backbone,
-        cfg.seed,
-        cfg.method,
-        cfg.refine,
-        cfg.run.max_patches,
-        overlay_ids,
-        cfg.run.refine_processes,
-    )
+    factory = worker_factory(cfg, frozenset(r.id for r in records[: cfg.run.overlays]))
     return ShardedStage(
         name=cfg.method.name,
         shards=shard_records(records, cfg.run.shard_size),

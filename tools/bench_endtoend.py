@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.pseudolabels import make_worker, refine_pool
+from pipeline.pseudolabels import refine_pool, worker_factory
 from pipeline.runs import load_backbone, resolve_backbone
 from stages.common.export import mask_annotation
 from stages.common.io import load_rgb
@@ -188,16 +188,7 @@ def ray_lines(records: list[ImageRecord]) -> list[str]:
                 if processes == "ray":
                     factory = functools.partial(_ray_task_worker, cfg)
                 else:
-                    factory = functools.partial(
-                        make_worker,
-                        cfg.backbone,
-                        cfg.seed,
-                        cfg.method,
-                        cfg.refine,
-                        cfg.run.max_patches,
-                        frozenset(),
-                        processes,
-                    )
+                    factory = worker_factory(cfg, refine_processes=processes)
                 out = Path(tmp) / f"{processes}-{workers}"
                 out.mkdir()
                 stage = ShardedStage(
