@@ -134,6 +134,27 @@ class RunDir:
             atomic_write_json(manifest, listing)
 
 
+def trained_steps(checkpoint: Path) -> int:
+    """The steps a training checkpoint (a torch file whose dict has 'step') records; 0 when there is none
+    yet (a training not started)."""
+    import torch
+
+    if not checkpoint.is_file():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+
+
+def warn_if_partly_trained(checkpoint: Path, steps: int, what: str, command: str) -> None:
+    """Say on stderr when ``checkpoint`` holds fewer than ``steps`` steps (an interrupted ``command``, which
+    resumes it): the run then uses a model short of its schedule."""
+    done = trained_steps(checkpoint)
+    if done < steps:
+        print(
+            f"warning: the {what} {checkpoint} is trained for {done} of {steps} steps ({command} resumes it)",
+            file=sys.stderr,
+        )
+
+
 def shard_records(records: list[ImageRecord], size: int) -> list[list[ImageRecord]]:
     return [records[i : i + size] for i in range(0, len(records), size)]
 

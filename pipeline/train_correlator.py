@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pipeline.config import Config, replace, save_config
-from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone
+from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone, trained_steps
 from stages.common.io import load_rgb
 from stages.data.videos import list_videos
 from stages.features.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
@@ -90,9 +90,7 @@ def train_correlator(cfg: Config) -> Path:
     model = corr.TemporalCorrelator(
         backbone.model.embed_dim, c.heads, c.mlp_ratio, c.clip_len, c.attn_drop, c.proj_drop
     ).to(backbone.device)
-    done = (
-        torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if checkpoint.is_file() else 0
-    )
+    done = trained_steps(checkpoint)
     if done >= c.steps:
         print(f"correlator already trained for {done} steps: {checkpoint}", file=sys.stderr)
         return checkpoint

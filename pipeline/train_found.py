@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pipeline.config import Config, replace
-from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone
+from pipeline.memory_cache import BudgetCache
+from pipeline.runs import (
+    RunDir,
+    RunError,
+    load_backbone,
+    resolve_backbone,
+    trained_steps,
+    warn_if_partly_trained,
+)
 from stages.common.io import BadImage, atomic_write_bytes, load_rgb
 from stages.common.paths import resolve
 from stages.data.base import ImageRecord
@@ -76,13 +83,7 @@ def resolve_found_head(cfg: Config) -> Config:
                 f"{cfg.backbone.arch} and these method.training settings ({path}): run `make train-found "
                 f"DATASET={cfg.dataset.name}` with the same settings first"
             )
-        step = torch.load(path, map_location="cpu", weights_only=True)["step"]
-        if step < cfg.method.training.max_steps:
-            print(
-                f"warning: the FOUND head {path} is trained for {step} of {cfg.method.training.max_steps} "
-                "steps (make train-found resumes it)",
-                file=sys.stderr,
-            )
+        warn_if_partly_trained(path, cfg.method.training.max_steps, "FOUND head", "make train-found")
     else:
         path = resolve(Path(head).expanduser())
         if not path.is_file():
@@ -134,11 +135,10 @@ class TrainingViews:
         budget_mb: int,
     ):
         self.backbone, self.method, self.records = backbone, method, records
-        self.side, self.chunk, self.budget = side, chunk, budget_mb * 2**20
+        self.side, self.chunk = side, chunk
         self.treatment = method.cfg.keys[backbone.family]
         self.key_bias = backbone.key_bias
-        self.cache: OrderedDict[int, tuple[torch.Tensor, list[np.ndarray]]] = OrderedDict()
-        self.used = 0
+        self.cache: BudgetCache[int, tuple[torch.Tensor, list[np.ndarray]]] = BudgetCache(budget_mb, _nbytes)
 
     def compute(self, chunk: int) -> tuple[torch.Tensor, list[np.ndarray], list[PatchFeatures]]:
         """One chunk's keys (n, C, h, w), views and full features (with the CLS attention, for targets)."""
@@ -171,24 +171,18 @@ class TrainingViews:
         chunks: dict[int, tuple[torch.Tensor, list[np.ndarray]]] = {}
         for chunk in dict.fromkeys(i // self.chunk for i in indices.tolist()):
             if chunk in self.cache:
-                self.cache.move_to_end(chunk)
-                chunks[chunk] = self.cache[chunk]
+                chunks[chunk] = self.cache.get(chunk)
             else:
                 maps, views, _ = self.compute(chunk)
                 chunks[chunk] = (maps, views)
-                self._keep(chunk, maps, views)
+                self.cache.put(chunk, chunks[chunk])
         pairs = [divmod(i, self.chunk) for i in indices.tolist()]
         return torch.stack([chunks[c][0][b] for c, b in pairs]), [chunks[c][1][b] for c, b in pairs]
 
-    def _keep(self, chunk: int, maps: torch.Tensor, views: list[np.ndarray]) -> None:
-        size = maps.numel() * maps.element_size() + sum(v.nbytes for v in views)
-        if size > self.budget:
-            return
-        self.cache[chunk] = (maps, views)
-        self.used += size
-        while self.used > self.budget:
-            _, (old_maps, old_views) = self.cache.popitem(last=False)
-            self.used -= old_maps.numel() * old_maps.element_size() + sum(v.nbytes for v in old_views)
+
+def _nbytes(chunk: tuple[torch.Tensor, list[np.ndarray]]) -> int:
+    maps, views = chunk
+    return maps.numel() * maps.element_size() + sum(v.nbytes for v in views)
 
 
 def readable(records: list[ImageRecord]) -> list[ImageRecord]:
@@ -211,7 +205,7 @@ def coarse_targets(cfg: Config, views: TrainingViews) -> torch.Tensor:
     targets = []
     for chunk in tqdm(range(n_chunks), desc="found targets", unit="chunk", dynamic_ncols=True):
         maps, chunk_views, feats = views.compute(chunk)
-        views._keep(chunk, maps, chunk_views)
+        views.cache.put(chunk, (maps, chunk_views))
         coarse = torch.from_numpy(np.stack([views.method.foreground(f) for f in feats]))
         targets.append(
             refine_patch_masks(
@@ -286,9 +280,7 @@ def train_found(cfg: Config, on_step: Callable[[int], None] | None = None) -> Pa
     t = cfg.method.training
     run_dir = RunDir.for_config(cfg, STAGE, USE_KEYS)
     checkpoint = run_dir.path / CHECKPOINT
-    done = (
-        torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if checkpoint.is_file() else 0
-    )
+    done = trained_steps(checkpoint)
     if done >= t.max_steps:
         print(f"FOUND head already trained for {done} steps: {checkpoint}", file=sys.stderr)
         return checkpoint

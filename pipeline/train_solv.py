@@ -4,7 +4,6 @@ trained one a SOLV run uses (``resolve_solv_model``)."""
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pipeline.config import METHODS, Config, replace, save_config
-from pipeline.runs import RunDir, RunError, load_backbone, resolve_backbone
+from pipeline.memory_cache import BudgetCache
+from pipeline.runs import (
+    RunDir,
+    RunError,
+    load_backbone,
+    resolve_backbone,
+    trained_steps,
+    warn_if_partly_trained,
+)
 from stages.common.io import BadImage, load_rgb
 from stages.data.videos import VideoRecord, list_videos
 from stages.features.backbone import Backbone
@@ -48,13 +55,7 @@ def resolve_solv_model(cfg: Config) -> Config:
             f"these solv_model settings: run `make train-solv DATASET={cfg.dataset.name}` with the same "
             "settings first, or give one with solv_model.checkpoint=<file>"
         )
-    step = torch.load(trained, map_location="cpu", weights_only=True)["step"]
-    if step < cfg.solv_model.steps:
-        print(
-            f"warning: the SOLV model {trained} is trained for {step} of {cfg.solv_model.steps} steps "
-            "(make train-solv resumes it)",
-            file=sys.stderr,
-        )
+    warn_if_partly_trained(trained, cfg.solv_model.steps, "SOLV model", "make train-solv")
     return replace(cfg, **{"solv_model.checkpoint": str(trained)})
 
 
@@ -67,10 +68,10 @@ class FrameFeatures:
         self, backbone: Backbone, videos: list[VideoRecord], size: list[int], budget_mb: int, batch_size: int
     ):
         self.backbone, self.videos, self.size, self.batch_size = backbone, videos, size, batch_size
-        self.budget = budget_mb * 2**20
-        self.cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self.cache: BudgetCache[tuple[int, int], torch.Tensor] = BudgetCache(
+            budget_mb, lambda feats: feats.numel() * feats.element_size()
+        )
         self.bad: set[tuple[int, int]] = set()
-        self.used = 0
 
     def _read(self, key: tuple[int, int]) -> np.ndarray | None:
         video = self.videos[key[0]]
@@ -91,24 +92,11 @@ class FrameFeatures:
         out = {}
         for k in keys:
             if k in new or k in self.cache:
-                out[k] = new[k] if k in new else self.cache[k]
-                self._keep(k, out[k])
+                out[k] = new[k] if k in new else self.cache.get(k)
+                self.cache.put(k, out[k])
             else:
                 out[k] = None
         return out
-
-    def _keep(self, key: tuple[int, int], feats: torch.Tensor) -> None:
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return
-        size = feats.numel() * feats.element_size()
-        if size > self.budget:
-            return
-        self.cache[key] = feats
-        self.used += size
-        while self.used > self.budget:
-            _, old = self.cache.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
 
 
 def clip_batches(cfg: Config, features: FrameFeatures, start_step: int) -> Iterator[FeatureBatch]:
@@ -155,9 +143,7 @@ def train(cfg: Config) -> Path:
     save_config(cfg, run_dir.path / "config.yaml")
     checkpoint = run_dir.path / CHECKPOINT
     s = cfg.solv_model
-    done = (
-        torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if checkpoint.is_file() else 0
-    )
+    done = trained_steps(checkpoint)
     if done >= s.steps:
         print(f"SOLV already trained for {done} steps: {checkpoint}", file=sys.stderr)
         return checkpoint
