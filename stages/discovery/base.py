@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages.common.registry import Registry
-from stages.common.schema import fail, section
+from stages.common.schema import fail, positive, section
 from stages.discovery.ncut import treat_keys
 from stages.discovery.no_object import NoObjectRule, valid_patches
 
@@ -151,6 +151,14 @@ def validate_max_cosine(value: float | None, key: str) -> None:
     """The no-object rule's threshold: None (off) or in (-1, 1]."""
     if value is not None and not -1.0 < value <= 1.0:
         fail(key, f"must be null (off) or in (-1, 1], got {value}")
+
+
+def validate_image_settings(cfg: Any, key: str) -> None:
+    """The settings every image method's section has: ``resize`` (null, or the square side > 0) and
+    ``no_object`` (the no-object rule's max_cosine, ``validate_max_cosine``)."""
+    if cfg.resize is not None:
+        positive(f"{key}.resize", cfg.resize)
+    validate_max_cosine(cfg.no_object, f"{key}.no_object")
 
 
 def treated_keys(feats: PatchFeatures, treatment: str) -> torch.Tensor:

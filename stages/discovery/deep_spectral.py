@@ -36,7 +36,7 @@ from stages.discovery.base import (
     no_object_rule,
     treated_keys,
     validate_families,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.ncut import Spectrum, smallest_eigenvectors
 from stages.discovery.no_object import NoObjectRule
@@ -224,9 +224,7 @@ class DeepSpectralConfig:
         positive(f"{key}.n_eigenvectors", self.n_eigenvectors)
         positive(f"{key}.n_segments", self.n_segments)
         validate_families(self.keys, f"{key}.keys")
-        validate_max_cosine(self.no_object, f"{key}.no_object")
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
+        validate_image_settings(self, key)
 
 
 @METHODS.register("deep_spectral")

@@ -35,7 +35,7 @@ from stages.discovery.base import (
     no_object_rule,
     treated_keys,
     validate_families,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.no_object import NoObjectRule
 
@@ -389,9 +389,7 @@ class FoundConfig:
             fail(f"{key}.tau", f"must be in [-1, 1), got {self.tau}")
         validate_families(self.keys, f"{key}.keys")
         positive(f"{key}.min_patches", self.min_patches)
-        validate_max_cosine(self.no_object, f"{key}.no_object")
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
+        validate_image_settings(self, key)
         self.training.validate(f"{key}.training")
 
 

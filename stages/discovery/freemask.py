@@ -37,7 +37,7 @@ from stages.discovery.base import (
     no_object_rule,
     treated_keys,
     validate_families,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.no_object import NoObjectRule
 
@@ -170,9 +170,7 @@ class FreeMaskConfig:
         for name in ("sigma", "max_masks", "max_candidates"):
             positive(f"{key}.{name}", getattr(self, name))
         validate_families(self.keys, f"{key}.keys")
-        validate_max_cosine(self.no_object, f"{key}.no_object")
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
+        validate_image_settings(self, key)
 
 
 @METHODS.register("freemask")

@@ -17,7 +17,7 @@ from stages.discovery.base import (
     no_object_rule,
     treated_keys,
     validate_families,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.ncut import seed_component
 from stages.discovery.no_object import NoObjectRule
@@ -64,9 +64,7 @@ class LostConfig:
     def validate(self, key: str) -> None:
         positive(f"{key}.k", self.k)
         validate_families(self.keys, f"{key}.keys")
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
-        validate_max_cosine(self.no_object, f"{key}.no_object")
+        validate_image_settings(self, key)
 
 
 @METHODS.register("lost")

@@ -18,7 +18,7 @@ from stages.discovery.base import (
     graph_keys,
     no_object_rule,
     validate_graphs,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.ncut import (
     binary_affinity,
@@ -102,9 +102,7 @@ class MaskCutConfig:
         validate_graphs(self.graph, f"{key}.graph")
         positive(f"{key}.eps", self.eps)
         positive(f"{key}.n_masks", self.n_masks)
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
-        validate_max_cosine(self.no_object, f"{key}.no_object")
+        validate_image_settings(self, key)
         if not 0 <= self.max_overlap <= 1:
             fail(f"{key}.max_overlap", f"must be in [0, 1], got {self.max_overlap}")
         if not 0 <= self.min_area < 1:

@@ -16,7 +16,7 @@ from stages.discovery.base import (
     graph_keys,
     no_object_rule,
     validate_graphs,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.ncut import binary_affinity, bipartition, fiedler_vector, seed_component, unit_keys
 from stages.discovery.no_object import NoObjectRule
@@ -63,9 +63,7 @@ class TokenCutConfig:
     def validate(self, key: str) -> None:
         validate_graphs(self.graph, f"{key}.graph")
         positive(f"{key}.eps", self.eps)
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
-        validate_max_cosine(self.no_object, f"{key}.no_object")
+        validate_image_settings(self, key)
 
 
 @METHODS.register("tokencut")

@@ -41,7 +41,7 @@ from stages.discovery.base import (
     no_object_rule,
     treated_keys,
     validate_families,
-    validate_max_cosine,
+    validate_image_settings,
 )
 from stages.discovery.ncut import binary_affinity, smallest_eigenvectors
 from stages.discovery.no_object import NoObjectRule
@@ -215,9 +215,7 @@ class VoteCutConfig:
         for name in ("iou_threshold", "tau_m"):
             if not 0 <= getattr(self, name) < 1:
                 fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
-        validate_max_cosine(self.no_object, f"{key}.no_object")
-        if self.resize is not None:
-            positive(f"{key}.resize", self.resize)
+        validate_image_settings(self, key)
 
 
 @METHODS.register("votecut")
