@@ -39,6 +39,7 @@ DETECTORS = (
     ("R50-FPN, random init", "cascade_mask_rcnn_R_50_FPN"),
     ("ViTDet-S, DINOv2 init", "cascade_mask_rcnn_vitdet_s14"),
 )
+SHORT_NAMES = {"r50": DETECTORS[0][1], "vitdet": DETECTORS[1][1]}  # --detectors
 CALIBRATION_STEPS = 4  # iterations timed after one warm-up
 
 
@@ -169,9 +170,10 @@ def annotated_ground_truth(cfg: Config) -> dict:
 # The benchmark
 
 
-def run(minutes: float, out: Path | None = None) -> list[str]:
-    """Train and evaluate both detectors; returns the report lines. ``out``: keep the training runs there
-    (and resume them), else they go to a temporary directory removed at the end."""
+def run(minutes: float, out: Path | None = None, models: tuple[str, ...] | None = None) -> list[str]:
+    """Train and evaluate the detectors (``models``: their ``train.model`` names, default both); returns the
+    report lines. ``out``: keep the training runs there (and resume them), else they go to a temporary
+    directory removed at the end."""
     from pipeline import pseudolabels, selftrain
     from pipeline.evaluate import eval_corloc
     from pipeline.runs import RunError, resolve_backbone
@@ -188,6 +190,8 @@ def run(minutes: float, out: Path | None = None) -> list[str]:
     with _workspace(out) as work:
         calibration = read_json(work / "calibration.json") if (work / "calibration.json").exists() else {}
         for label, model in DETECTORS:
+            if models is not None and model not in models:
+                continue
             cfg = replace(base, **{"train.model": model, "run.out_dir": str(work)})
             try:
                 cfg = selftrain.resolve_detector(cfg)[0]
@@ -290,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=MINUTES, help="CPU minutes per training round")
     parser.add_argument("--out", type=Path, default=None, help="keep (and resume) the training runs here")
+    parser.add_argument(
+        "--detectors", nargs="+", choices=sorted(SHORT_NAMES), default=sorted(SHORT_NAMES),
+        help="train only these (default: both, for the same CPU time each)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.minutes <= 0:
         sys.exit(f"error: --minutes must be > 0, got {args.minutes}")
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"machine: {machine()}", flush=True)
     start = time.perf_counter()
-    lines = run(args.minutes, args.out)
+    lines = run(args.minutes, args.out, tuple(SHORT_NAMES[d] for d in args.detectors))
     print("== vitdet", *lines, f"[vitdet: {time.perf_counter() - start:.0f} s]", sep="\n", flush=True)
 
 
