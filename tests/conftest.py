@@ -48,3 +48,25 @@ def planted_solv():
     from tests.synthetic import train_planted_solv
 
     return train_planted_solv()
+
+
+@pytest.fixture(scope="module")
+def davis_videos(tmp_path_factory):
+    """Two synthetic DAVIS-layout videos of 6 frames (tests/synthetic.write_davis_videos)."""
+    from tests.synthetic import write_davis_videos
+
+    root = tmp_path_factory.mktemp("davis")
+    write_davis_videos(root, n_videos=2, n_frames=6)
+    return root
+
+
+@pytest.fixture(scope="module")
+def random_vit_weights(tmp_path_factory):
+    """The tiny test ViT's random weights as a checkpoint file (runs then resolve it like real weights)."""
+    import torch
+
+    from stages.features.backbone import Backbone
+
+    path = tmp_path_factory.mktemp("weights") / "test_vit_tiny.pth"
+    torch.save(Backbone("test_vit_tiny", None, "cpu", random_init=True).model.state_dict(), path)
+    return path

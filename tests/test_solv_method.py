@@ -17,7 +17,6 @@ from pipeline.resolve import resolve
 from pipeline.runs import RunDir, RunError
 from stages.data.videos import list_videos, video_ground_truth
 from stages.features.backbone import Backbone
-from tests.synthetic import write_davis_videos
 
 # A SOLV small enough to train on generated 64x96 videos in seconds: 8x12 patches of the toy ViT (48-d),
 # 3 slots of 32, windows of 3 frames, half the tokens dropped, merging on from the start.
@@ -38,21 +37,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("davis")
-    write_davis_videos(root, n_videos=2, n_frames=6)
-    return root
-
-
-@pytest.fixture(scope="module")
-def toy_vit(tmp_path_factory):
-    """The toy ViT's random weights as a checkpoint file (runs then resolve it like real weights)."""
-    path = tmp_path_factory.mktemp("weights") / "toy_vit.pth"
-    torch.save(Backbone("test_vit_tiny", None, "cpu", random_init=True).model.state_dict(), path)
-    return path
-
-
 def solv_config(videos, weights, out, extra=()):
     overrides = [
         f"dataset.root={videos}",
@@ -66,14 +50,16 @@ def solv_config(videos, weights, out, extra=()):
     return load_config("davis17", "solv", overrides)
 
 
-def test_without_a_trained_model_a_run_says_how_to_train_one(videos, toy_vit, tmp_path):
-    cfg = solv_config(videos, toy_vit, tmp_path)
+def test_without_a_trained_model_a_run_says_how_to_train_one(davis_videos, random_vit_weights, tmp_path):
+    cfg = solv_config(davis_videos, random_vit_weights, tmp_path)
     with pytest.raises(RunError, match=r"make train-solv DATASET=davis17"):
         resolve(cfg)
     with pytest.raises(RunError, match=r"solv_model.checkpoint.*no such file"):
         resolve(replace(cfg, **{"solv_model.checkpoint": str(tmp_path / "missing.pth")}))
     with pytest.raises(RunError, match=r"--method solv"):
-        train_solv.train(load_config("davis17", "ba", [f"dataset.root={videos}", f"run.out_dir={tmp_path}"]))
+        train_solv.train(
+            load_config("davis17", "ba", [f"dataset.root={davis_videos}", f"run.out_dir={tmp_path}"])
+        )
 
 
 def test_bad_model_settings_name_their_key():
@@ -85,9 +71,9 @@ def test_bad_model_settings_name_their_key():
         load_config("demo-video", "solv", ["solv_model.size=[64]"])
 
 
-def test_each_video_method_hashes_only_the_sections_it_uses(videos, toy_vit, tmp_path):
-    ba = load_config("davis17", "ba", [f"dataset.root={videos}"])
-    solv = solv_config(videos, toy_vit, tmp_path)
+def test_each_video_method_hashes_only_the_sections_it_uses(davis_videos, random_vit_weights, tmp_path):
+    ba = load_config("davis17", "ba", [f"dataset.root={davis_videos}"])
+    solv = solv_config(davis_videos, random_vit_weights, tmp_path)
     for cfg, own, other in (
         (ba, "correlator.heads", "solv_model.num_slots"),
         (solv, "solv_model.num_slots", "correlator.heads"),
@@ -114,10 +100,12 @@ def _stop_after(monkeypatch, steps: int):
     monkeypatch.setattr(train_solv, "clip_batches", limited)
 
 
-def test_training_resumes_to_the_state_of_an_uninterrupted_run(videos, toy_vit, tmp_path, monkeypatch):
+def test_training_resumes_to_the_state_of_an_uninterrupted_run(
+    davis_videos, random_vit_weights, tmp_path, monkeypatch
+):
     steps = ["solv_model.steps=4"]
-    whole = train_solv.train(solv_config(videos, toy_vit, tmp_path / "whole", steps))
-    interrupted_cfg = solv_config(videos, toy_vit, tmp_path / "interrupted", steps)
+    whole = train_solv.train(solv_config(davis_videos, random_vit_weights, tmp_path / "whole", steps))
+    interrupted_cfg = solv_config(davis_videos, random_vit_weights, tmp_path / "interrupted", steps)
     with monkeypatch.context() as m:
         _stop_after(m, 2)
         path = train_solv.train(interrupted_cfg)
@@ -142,10 +130,14 @@ def test_training_resumes_to_the_state_of_an_uninterrupted_run(videos, toy_vit, 
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_a_trained_model_gives_tracks_and_metrics_through_the_pipeline(videos, toy_vit, tmp_path):
+def test_a_trained_model_gives_tracks_and_metrics_through_the_pipeline(
+    davis_videos, random_vit_weights, tmp_path
+):
     # 40 steps do not separate the squares (tests/test_solv.py trains a model that does, on feature maps);
     # with every track kept as an object, each square must still be one track over all its frames.
-    cfg = solv_config(videos, toy_vit, tmp_path, ["solv_model.steps=40", "method.background=none"])
+    cfg = solv_config(
+        davis_videos, random_vit_weights, tmp_path, ["solv_model.steps=40", "method.background=none"]
+    )
     checkpoint = train_solv.train(cfg)
     assert resolve(cfg).solv_model.checkpoint == str(checkpoint)
     labels = pseudolabels(cfg)

@@ -46,16 +46,6 @@ def videos(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    import torch
-
-    backbone = Backbone("test_vit_tiny", None, "cpu", random_init=True)
-    path = tmp_path_factory.mktemp("weights") / "tiny_vit.pth"
-    torch.save(backbone.model.state_dict(), path)
-    return path
-
-
 def sslvos_config(videos, out, weights, extra=()):
     overrides = [
         f"dataset.root={videos}",
@@ -76,8 +66,8 @@ def foreground_iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_sslvos_run_writes_one_foreground_track_and_reuses_its_flows(videos, tiny_vit, tmp_path):
-    cfg = sslvos_config(videos, tmp_path, tiny_vit)
+def test_sslvos_run_writes_one_foreground_track_and_reuses_its_flows(videos, random_vit_weights, tmp_path):
+    cfg = sslvos_config(videos, tmp_path, random_vit_weights)
     labels = pseudolabels(cfg)
     run_dir = labels.parent
     data = json.loads(labels.read_text())
@@ -110,7 +100,7 @@ def test_sslvos_run_writes_one_foreground_track_and_reuses_its_flows(videos, tin
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_sslvos_long_video_in_windows_matches_one_window(tmp_path, tiny_vit):
+def test_sslvos_long_video_in_windows_matches_one_window(tmp_path, random_vit_weights):
     # 40 frames: keys in windows of 5 frames and the fine pass in windows of 8 give the planted objects as
     # well as one window over the whole video does.
     root = tmp_path / "davis"
@@ -119,7 +109,7 @@ def test_sslvos_long_video_in_windows_matches_one_window(tmp_path, tiny_vit):
     whole = ["method.window=40", "method.optimise.window=40", "method.optimise.overlap=0"]
     ious = []
     for name, extra in (("windowed", windowed), ("whole", whole)):
-        cfg = sslvos_config(root, tmp_path / name, tiny_vit, ["method.size=[64, 160]", *extra])
+        cfg = sslvos_config(root, tmp_path / name, random_vit_weights, ["method.size=[64, 160]", *extra])
         tracks = json.loads((pseudolabels(cfg).parent / "ytvis.json").read_text())
         (video,) = list_videos(cfg.dataset)
         gt = video_ground_truth(cfg.dataset, video)

@@ -147,13 +147,6 @@ def similarity_vit(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("davis")
-    write_davis_videos(root, n_videos=2, n_frames=6)
-    return root
-
-
 def ba_config(videos, out, weights, extra=()):
     overrides = [
         f"dataset.root={videos}",
@@ -168,8 +161,8 @@ def ba_config(videos, out, weights, extra=()):
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_ba_run_writes_tracks_with_stable_identities(videos, similarity_vit, tmp_path):
-    cfg = ba_config(videos, tmp_path, similarity_vit)
+def test_ba_run_writes_tracks_with_stable_identities(davis_videos, similarity_vit, tmp_path):
+    cfg = ba_config(davis_videos, tmp_path, similarity_vit)
     labels = pseudolabels(cfg)
     run_dir = labels.parent
     coco = COCO(str(labels))
@@ -191,13 +184,13 @@ def test_ba_run_writes_tracks_with_stable_identities(videos, similarity_vit, tmp
     metrics = evaluate.evaluate_video(cfg)
     assert 0.3 < metrics["J&F"] <= 1 and 0 < metrics["FG-ARI"] <= 1
     # The per-frame COCO is a valid training set for the detector (frames as images).
-    check_labels(labels, str(videos), {r.file_name for r in list_images(cfg.dataset)})
+    check_labels(labels, str(davis_videos), {r.file_name for r in list_images(cfg.dataset)})
     mtimes = [p.stat().st_mtime_ns for p in run_dir.glob("shards/*.json")]
     assert pseudolabels(cfg) == labels
     assert [p.stat().st_mtime_ns for p in run_dir.glob("shards/*.json")] == mtimes
 
 
-def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tmp_path):
+def test_correlator_training_resumes_where_it_stopped(davis_videos, similarity_vit, tmp_path):
     tiny = [
         "correlator.size=[32, 48]",
         "correlator.batch_size=1",
@@ -206,7 +199,7 @@ def test_correlator_training_resumes_where_it_stopped(videos, similarity_vit, tm
         "correlator.num_pos=2",
         "correlator.num_neg=4",
     ]
-    cfg = ba_config(videos, tmp_path, similarity_vit, [*tiny, "correlator.steps=2"])
+    cfg = ba_config(davis_videos, tmp_path, similarity_vit, [*tiny, "correlator.steps=2"])
     path = train_correlator.train_correlator(cfg)
     first = torch.load(path, weights_only=True)
     assert first["step"] == 2
