@@ -19,6 +19,7 @@ fixed chunks of ``backbone.batch_size`` images, so that a recomputed feature is 
 from __future__ import annotations
 
 import io
+import pickle
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +53,7 @@ from stages.discovery.found import (
     refine_patch_masks,
     train,
 )
-from stages.features.backbone import Backbone, prepare_image
+from stages.features.backbone import ARCHS, Backbone, prepare_image
 
 CHECKPOINT = "found_head.pth"
 TARGETS = "targets.pt"
@@ -88,7 +89,29 @@ def resolve_found_head(cfg: Config) -> Config:
         path = resolve(Path(head).expanduser())
         if not path.is_file():
             raise RunError(f"config key 'method.head': no such file '{path}'")
+    check_head_fits(path, cfg.backbone.arch)
     return replace(cfg, **{"method.head": str(path)})
+
+
+def check_head_fits(path: Path, arch: str) -> None:
+    """RunError naming method.head when the checkpoint at ``path`` is not a FOUND head, or reads keys of
+    another width than backbone ``arch`` gives (a head trained with another backbone): caught here once,
+    not on every image."""
+    not_a_head = (
+        f"config key 'method.head': '{path}' is not a FOUND head checkpoint (make train-found writes one)"
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:  # not a torch file, or cut short
+        raise RunError(f"{not_a_head}: {e!r}") from e
+    channels = state.get("channels") if isinstance(state, dict) else None
+    if not isinstance(channels, int):
+        raise RunError(f"{not_a_head}: no 'channels' entry")
+    if channels != ARCHS[arch].channels:
+        raise RunError(
+            f"config key 'method.head': the head '{path}' reads keys of {channels} channels, backbone {arch} "
+            f"gives {ARCHS[arch].channels}: train one with this backbone (make train-found)"
+        )
 
 
 def training_view(rgb: np.ndarray, side: int, patch: int) -> np.ndarray:

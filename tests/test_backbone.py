@@ -170,3 +170,11 @@ def test_input_size_rounds_the_resize_and_pads_otherwise():
     assert input_size(375, 500, 8, 480) == (480, 480)
     x = prepare_image(np.zeros((30, 50, 3), np.uint8), 16, None)
     assert x.shape == (3, 32, 64) and torch.all(x[:, 30:] == 0) and torch.all(x[:, :, 50:] == 0)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_each_arch_states_the_width_of_its_keys(arch):
+    spec = ARCHS[arch]
+    with torch.device("meta"):  # no memory for the weights: only their shapes are read
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
+    assert model.blocks[-1].attn.qkv.weight.shape[1] == model.embed_dim == spec.channels

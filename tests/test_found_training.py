@@ -183,9 +183,9 @@ def planted_features(seed: int = 0) -> tuple[PatchFeatures, np.ndarray]:
     return feats, truth
 
 
-def write_head(path: Path) -> Path:
+def write_head(path: Path, channels: int = 8) -> Path:
     """A head that reads channel 0: logit = 10 * (k0 - 0.5)."""
-    state = FoundState.new(8, load_config("demo", "found").method.training.schedule(), seed=0)
+    state = FoundState.new(channels, load_config("demo", "found").method.training.schedule(), seed=0)
     with torch.no_grad():
         state.head.conv.weight.zero_()
         state.head.conv.weight[0, 0] = 10.0
@@ -229,9 +229,30 @@ def test_a_missing_head_is_one_clear_error(tmp_path, capsys):
     assert "make train-found DATASET=demo" in line
 
 
+def test_a_head_of_another_backbone_or_not_a_head_is_one_clear_error(tmp_path, capsys):
+    args = ["--dataset", "demo", "--method", "found", f"run.out_dir={tmp_path}", "backbone.random_init=true"]
+    args.append("backbone.arch=dino_vits16")
+    head = write_head(tmp_path / "head.pth", channels=8)
+    assert main(["pseudolabels", *args, f"method.head={head}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: config key 'method.head': the head '{head}' reads keys of 8 channels, backbone dino_vits16 "
+        "gives 384: train one with this backbone (make train-found)\n"
+    )
+    for name, content in (("notes.pth", b"not a checkpoint"), ("empty.pth", b"")):
+        (tmp_path / name).write_bytes(content)
+        assert main(["pseudolabels", *args, f"method.head={tmp_path / name}"]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: config key 'method.head': '{tmp_path / name}' is not a FOUND head")
+    torch.save({"head": {}}, tmp_path / "other.pth")
+    assert main(["pseudolabels", *args, f"method.head={tmp_path / 'other.pth'}"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "is not a FOUND head checkpoint (make train-found writes one): no 'channels' entry\n"
+    )
+
+
 def test_a_given_head_path_is_kept_absolute(tmp_path):
-    head = write_head(tmp_path / "head.pth")
-    cfg = load_config("demo", "found", [f"method.head={head}", "backbone.random_init=true"])
+    head = write_head(tmp_path / "head.pth", channels=48)
+    cfg = load_config("demo", "found", [f"method.head={head}", "backbone.arch=test_vit_tiny"])
     assert resolve_found_head(cfg).method.head == str(head)
     with pytest.raises(FileNotFoundError, match="method.head"):
         found_method(f"method.head={tmp_path / 'gone.pth'}")

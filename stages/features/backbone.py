@@ -30,21 +30,27 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class Arch:
     timm_name: str
     patch: int
+    channels: int  # width of the tokens and of the last block's keys (heads concatenated)
     family: str  # 'dino' or 'dinov2': selects per-backbone graph defaults
     official_file: str | None  # the checkpoint's file name as published
     timm_kwargs: dict = field(default_factory=dict)
 
 
 ARCHS = {
-    "dino_vits16": Arch("vit_small_patch16_224", 16, "dino", "dino_deitsmall16_pretrain.pth"),
-    "dino_vits8": Arch("vit_small_patch8_224", 8, "dino", "dino_deitsmall8_pretrain.pth"),
-    "dino_vitb16": Arch("vit_base_patch16_224", 16, "dino", "dino_vitbase16_pretrain.pth"),
-    "dino_vitb8": Arch("vit_base_patch8_224", 8, "dino", "dino_vitbase8_pretrain.pth"),
-    "dinov2_vits14": Arch("vit_small_patch14_dinov2", 14, "dinov2", "dinov2_vits14_pretrain.pth"),
-    "dinov2_vitb14": Arch("vit_base_patch14_dinov2", 14, "dinov2", "dinov2_vitb14_pretrain.pth"),
+    "dino_vits16": Arch("vit_small_patch16_224", 16, 384, "dino", "dino_deitsmall16_pretrain.pth"),
+    "dino_vits8": Arch("vit_small_patch8_224", 8, 384, "dino", "dino_deitsmall8_pretrain.pth"),
+    "dino_vitb16": Arch("vit_base_patch16_224", 16, 768, "dino", "dino_vitbase16_pretrain.pth"),
+    "dino_vitb8": Arch("vit_base_patch8_224", 8, 768, "dino", "dino_vitbase8_pretrain.pth"),
+    "dinov2_vits14": Arch("vit_small_patch14_dinov2", 14, 384, "dinov2", "dinov2_vits14_pretrain.pth"),
+    "dinov2_vitb14": Arch("vit_base_patch14_dinov2", 14, 768, "dinov2", "dinov2_vitb14_pretrain.pth"),
     # A two-block toy for tests: never has weights, so it only builds with random_init.
     "test_vit_tiny": Arch(
-        "vit_small_patch8_224", 8, "dino", None, {"embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 64}
+        "vit_small_patch8_224",
+        8,
+        48,
+        "dino",
+        None,
+        {"embed_dim": 48, "depth": 2, "num_heads": 3, "img_size": 64},
     ),
 }
 
