@@ -98,9 +98,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def digest(self, sections: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
-        """Short hash of the given top-level sections, less the excluded dotted keys (worker counts etc.)."""
+    def digest(
+        self, sections: tuple[str, ...], exclude: tuple[str, ...] = (), files: dict | None = None
+    ) -> str:
+        """Short hash of the given top-level sections, less the excluded dotted keys (worker counts etc.);
+        ``files``: fingerprints of files the run reads, hashed with them (none: the sections alone)."""
         data = {k: v for k, v in self.to_dict().items() if k in sections}
+        if files:
+            data["files"] = files
         for dotted in exclude:
             *parents, key = dotted.split(".")
             node = data

@@ -3,6 +3,7 @@ shaped them, with the resolved config saved beside the outputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,24 @@ def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
     uses = tuple(getattr(METHODS.get(cfg.method.name), "uses", ()))
     labels = VIDEO_LABELS + uses if cfg.modality == "video" else IMAGE_LABELS
     return {"pseudolabels": labels, "selftrain": (*labels, "train")}[stage]
+
+
+# Config keys that name a trained model's file (make train-found, train-correlator, train-solv). Training
+# rewrites such a file in place (a resumed or longer schedule), so the runs that read one are keyed by its
+# content as well as its path: new weights never reuse the labels the old ones made.
+TRAINED_FILES = ("method.head", "correlator.checkpoint", "solv_model.checkpoint")
+
+
+def trained_file_digests(cfg: Config, sections: tuple[str, ...]) -> dict[str, str]:
+    """SHA-256 of each ``TRAINED_FILES`` file ``cfg`` names in ``sections`` (resolved paths), by key."""
+    data = cfg.to_dict()
+    digests = {}
+    for dotted in TRAINED_FILES:
+        section, key = dotted.split(".")
+        value = data.get(section, {}).get(key) if section in sections else None
+        if isinstance(value, str) and Path(value).is_file():
+            digests[dotted] = hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    return digests
 
 
 # Keys that change how a run executes, not what it produces: they stay out of the run directory's hash.
@@ -110,7 +129,9 @@ class RunDir:
     def for_config(cls, cfg: Config, stage: str, exclude: tuple[str, ...] = ()) -> RunDir:
         """The run directory of ``stage`` for ``cfg``; ``exclude``: dotted keys of its sections that do not
         shape this stage's outputs (besides ``EXECUTION_KEYS``)."""
-        digest = cfg.digest(stage_sections(cfg, stage), EXECUTION_KEYS + exclude)
+        sections = stage_sections(cfg, stage)
+        files = {} if stage in TRAINED_SECTIONS else trained_file_digests(cfg, sections)
+        digest = cfg.digest(sections, EXECUTION_KEYS + exclude, files)
         method = "correlator" if stage == "correlator" else cfg.method.name
         name = f"{cfg.dataset.name}-{method}-{digest}"
         return cls(resolve(cfg.run.out_dir) / stage / name)

@@ -14,9 +14,11 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import load_config, replace
 from pipeline.resolve import resolve
+from pipeline.runs import RunDir
 from pipeline.train_found import (
     CHECKPOINT,
     TARGETS,
+    USE_KEYS,
     batch_indices,
     resolve_found_head,
     train_found,
@@ -256,3 +258,21 @@ def test_a_given_head_path_is_kept_absolute(tmp_path):
     assert resolve_found_head(cfg).method.head == str(head)
     with pytest.raises(FileNotFoundError, match="method.head"):
         found_method(f"method.head={tmp_path / 'gone.pth'}")
+
+
+def test_a_head_rewritten_in_place_gives_new_runs(tmp_path):
+    # make train-found resumes into the same file: labels made with the old weights must not be reused.
+    head = write_head(tmp_path / "head.pth", channels=48)
+    args = [f"method.head={head}", "backbone.arch=test_vit_tiny", "backbone.random_init=true"]
+    cfg = resolve(load_config("demo", "found", [*args, f"run.out_dir={tmp_path}"]))
+    before = {stage: RunDir.for_config(cfg, stage).path for stage in ("pseudolabels", "selftrain")}
+    torch.save(torch.load(head, weights_only=True), head)  # the same weights written again
+    assert {stage: RunDir.for_config(cfg, stage).path for stage in before} == before
+    state = torch.load(head, weights_only=True)
+    state["head"]["conv.bias"] += 1.0
+    torch.save(state, head)
+    after = {stage: RunDir.for_config(cfg, stage).path for stage in before}
+    assert all(after[stage] != before[stage] for stage in before)
+    training = RunDir.for_config(cfg, "found_head", USE_KEYS).path  # where the head trains: not keyed by it
+    write_head(head, channels=48)
+    assert RunDir.for_config(cfg, "found_head", USE_KEYS).path == training
