@@ -190,7 +190,12 @@ def parse_override(text: str) -> dict[str, Any]:
     dotted, raw = text.split("=", 1)
     if not dotted or any(not part for part in dotted.split(".")):
         raise ConfigError(f"override '{text}': bad key")
-    value: Any = yaml.safe_load(raw) if raw != "" else None
+    try:
+        value: Any = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        hint = ' (in a make ARGS list, write maps as JSON: [{"k":1}])' if "{" in raw else ""
+        raise ConfigError(f"config key '{dotted}': cannot parse '{raw}' as YAML: {problem}{hint}") from e
     for part in reversed(dotted.split(".")):
         value = {part: value}
     return value

@@ -77,6 +77,11 @@ def test_unknown_dataset_and_bad_override_syntax():
         load_config("voc2099", "maskcut")
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("run.workers")
+    with pytest.raises(ConfigError, match=r"config key 'method.tau': cannot parse '\[1' as YAML"):
+        parse_override("method.tau=[1")
+    # what make's ARGS makes of a YAML flow map (split at spaces): one error line that says how to write it
+    with pytest.raises(ConfigError, match="method.sources.dinov2.*write maps as JSON"):
+        parse_override("method.sources.dinov2=[{keys:")
     with pytest.raises(ConfigError, match="dataset.root"):
         load_config("imagefolder", "maskcut")
 
