@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ConfigError, load_config
 from stages.discovery.ncut import binary_affinity, smallest_eigenvectors, treat_keys
 from stages.discovery.votecut import eigenvector_candidates, iou_clusters, votecut
 from tests.scenes import biased_scene, box_mask, iou
@@ -116,3 +117,11 @@ def test_many_candidates():
     assert [v.votes >= 90 for v in voted[:4]] == [True] * 4 and all(v.votes < 90 for v in voted[4:])
     for obj in objects:
         assert max(iou(v.mask, obj) for v in voted) >= 0.9
+
+
+def test_a_min_votes_no_object_can_reach_is_an_error_naming_it():
+    one_source = 'method.sources.dinov2=[{"keys":"centered","tau":0.1}]'  # 1 source x 1 eigenvector x 2 ks
+    with pytest.raises(ConfigError, match="'method.min_votes': 3 votes can never be reached"):
+        load_config("demo", "votecut", [one_source])
+    assert load_config("demo", "votecut", [one_source, "method.min_votes=2"]).method.min_votes == 2
+    assert load_config("demo", "votecut", [one_source, "method.iou_threshold=0.4"])  # then splits overlap

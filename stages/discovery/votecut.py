@@ -215,7 +215,23 @@ class VoteCutConfig:
         for name in ("iou_threshold", "tau_m"):
             if not 0 <= getattr(self, name) < 1:
                 fail(f"{key}.{name}", f"must be in [0, 1), got {getattr(self, name)}")
+        self._check_min_votes_reachable(key)
         validate_image_settings(self, key)
+
+    def _check_min_votes_reachable(self, key: str) -> None:
+        # Candidates of one k-means split are disjoint, so at an IoU threshold >= 0.5 each split gives an
+        # object one vote at most: a min_votes above the splits a family has would drop every mask, silently.
+        if self.iou_threshold < 0.5:
+            return
+        for family, sources in self.sources.items():
+            splits = len(sources) * self.eigenvectors * len(self.ks)
+            if self.min_votes > splits:
+                fail(
+                    f"{key}.min_votes",
+                    f"{self.min_votes} votes can never be reached with the {family} sources: they give an "
+                    f"object {splits} at most ({len(sources)} sources x {self.eigenvectors} eigenvectors x "
+                    f"{len(self.ks)} ks)",
+                )
 
 
 @METHODS.register("votecut")
