@@ -19,7 +19,7 @@ from pipeline.resolve import method_sections, resolve
 from pipeline.runs import RunDir, RunError, load_backbone, shard_records, write_jsonl
 from stages.common import rle
 from stages.common.export import FOREGROUND, CocoWriter, validate_shard
-from stages.common.io import JsonListsWriter, atomic_write_json
+from stages.common.io import JsonListsWriter, atomic_write_json, read_json
 from stages.data.datasets import ImageRecord, image_listing
 from stages.data.videos import VideoRecord, frame_records, list_videos
 from stages.features.backbone import BackboneConfig, resolve_device
@@ -131,13 +131,21 @@ def run(cfg: Config) -> Path:
     return merge(stage, run_dir, time.perf_counter() - start, listing.skipped)
 
 
+def total_seconds(run_dir: RunDir, seconds: float) -> float:
+    """The summary's ``seconds``: wall seconds spent on shards by every invocation that finished the run,
+    this one's ``seconds`` added to the earlier summary's (a resume that finds every shard done adds ~0)."""
+    earlier = run_dir.path / "summary.json"
+    before = read_json(earlier).get("seconds", 0.0) if earlier.exists() else 0.0
+    return round(before + seconds, 2)
+
+
 def merge(stage: ShardedStage, run_dir: RunDir, seconds: float, skipped: list[dict] = ()) -> Path:
     """Merge the shard files into one COCO file (streamed), failures.jsonl and summary.json. ``skipped``:
     the dataset's entries that are not images (``Listing.skipped``), listed first in failures.jsonl."""
     out = run_dir.path / OUTPUT
     counts = merge_coco(stage, out, run_dir.path / "failures.jsonl", skipped)
     failures = counts.pop("failures")
-    summary = {**counts, "seconds": round(seconds, 2)}
+    summary = {**counts, "seconds": total_seconds(run_dir, seconds)}
     atomic_write_json(run_dir.path / "summary.json", summary)
     print(
         f"{summary['images']} images: {summary['annotations']} masks on {summary['labelled']}, "
@@ -293,7 +301,7 @@ def merge_videos(stage: ShardedStage, run_dir: RunDir, frame_ids: dict[str, int]
         "failed": len(failures),
         "tracks": n_tracks,
         "frame_masks": n_masks,
-        "seconds": round(seconds, 2),
+        "seconds": total_seconds(run_dir, seconds),
     }
     atomic_write_json(run_dir.path / "summary.json", summary)
     print(

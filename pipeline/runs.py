@@ -141,9 +141,11 @@ class RunDir:
         return self.path / "shards"
 
     def start(self, cfg: Config, records: list[ImageRecord]) -> None:
-        """Create the directory with the resolved config; refuse to mix image lists in one run."""
+        """Create the directory with the resolved config; refuse to mix image lists in one run. A resumed
+        run keeps the config it was started with (a resume can differ only in execution settings)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.path / "config.yaml")
+        if not (self.path / "config.yaml").exists():
+            save_config(cfg, self.path / "config.yaml")
         manifest = self.path / "images.json"
         listing = [[r.id, r.file_name] for r in records]
         if manifest.exists() and read_json(manifest) != listing:

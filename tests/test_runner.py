@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline.config import load_config
+from pipeline.config import load_config, replace
 from pipeline.driver import EXIT_AFTER_SHARDS, WORKER_EXIT
 from pipeline.pseudolabels import run
 from pipeline.runs import RunError
@@ -77,9 +77,14 @@ def test_second_run_skips_every_shard(first_run):
     assert len(shards) == 4  # 10 images, 3 per shard
     before = [p.stat().st_mtime_ns for p in shards]
     content = path.read_text()
-    assert run(cfg) == path
+    record = (path.parent / "config.yaml").read_text()
+    seconds = json.loads((path.parent / "summary.json").read_text())["seconds"]
+    # a resume that differs only in how it executes: same run, and its record keeps the first run's
+    assert run(replace(cfg, **{"run.workers": 1})) == path
     assert [p.stat().st_mtime_ns for p in shards] == before
     assert path.read_text() == content
+    assert (path.parent / "config.yaml").read_text() == record and "workers: 2" in record
+    assert seconds > 0 and json.loads((path.parent / "summary.json").read_text())["seconds"] >= seconds
 
 
 def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path):
