@@ -18,7 +18,7 @@ import yaml
 from pipeline.config import ConfigError, load_config
 from pipeline.resolve import resolve
 from pipeline.runs import load_backbone
-from stages.common.io import BadImage, load_rgb
+from stages.common.io import BadImage, checked_rgb, load_rgb
 from stages.features.backbone import Backbone, BackboneConfig
 from stages.pseudolabels import Discoverer, ImageObjects
 
@@ -51,7 +51,7 @@ def discover(image: str | Path | np.ndarray, method: str = "maskcut", **override
     cfg = resolve(load_config("demo", method, [_override(k, v) for k, v in overrides.items()]))
     if cfg.modality != "image":
         raise ConfigError(f"{method} discovers objects in videos: use `make pseudolabels METHOD={method}`")
-    rgb = load_rgb(Path(image)) if isinstance(image, str | Path) else _checked(image)
+    rgb = load_rgb(Path(image)) if isinstance(image, str | Path) else checked_rgb(image)
     discoverer = Discoverer.from_config(
         _backbone(cfg.backbone, cfg.seed), cfg.method, cfg.refine, cfg.run.max_patches
     )
@@ -60,10 +60,3 @@ def discover(image: str | Path | np.ndarray, method: str = "maskcut", **override
     if isinstance(objects, BadImage):
         raise objects
     return objects
-
-
-def _checked(image: np.ndarray) -> np.ndarray:
-    rgb = np.asarray(image)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise BadImage(f"expected an (H, W, 3) uint8 RGB array, got shape {rgb.shape} dtype {rgb.dtype}")
-    return rgb

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common.export import mask_annotation
-from stages.common.io import BadImage, load_rgb
+from stages.common.io import BadImage, checked_rgb, load_rgb
 from stages.data.datasets import ImageRecord
 from stages.features.backbone import resolve_device
 
@@ -30,7 +30,8 @@ class Detections:
 
 class Detector:
     """Callable detector: ``det(image) -> Detections`` on an HxWx3 uint8 RGB array or an image file (read
-    with the project's decoder, ``load_rgb``, as training and evaluation read it)."""
+    with the project's decoder, ``load_rgb``, as training and evaluation read it). BadImage for an array of
+    another shape or dtype, or an unreadable file."""
 
     def __init__(self, cfg, max_detections: int | None = None):
         from detectron2.engine import DefaultPredictor
@@ -47,7 +48,7 @@ class Detector:
         self.predictor = DefaultPredictor(cfg)
 
     def __call__(self, image: np.ndarray | str | Path) -> Detections:
-        rgb = image if isinstance(image, np.ndarray) else load_rgb(Path(image))
+        rgb = checked_rgb(image) if isinstance(image, np.ndarray) else load_rgb(Path(image))
         # DefaultPredictor takes BGR and converts to the model's INPUT.FORMAT (RGB) itself
         inst = self.predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["instances"].to("cpu")
         order = inst.scores.argsort(descending=True)

@@ -17,6 +17,7 @@ from pipeline import load_detector, selftrain
 from pipeline.config import ConfigError, load_config
 from pipeline.runs import RunError
 from stages.common.export import coco_file, mask_annotation
+from stages.common.io import BadImage
 from stages.detection import copy_paste, train
 from stages.detection.droploss import DropLossFastRCNNOutputLayers
 from stages.detection.vitdet import (
@@ -273,6 +274,8 @@ def test_vitdet_trains_with_droploss_at_every_stage_and_copy_paste_then_loads_in
     result = det(object_image(96, 128, (20, 30, 70, 90)))
     n = len(result.scores)
     assert n <= 5 and result.boxes.shape == (n, 4) and result.masks.shape == (n, 96, 128)
+    with pytest.raises(BadImage, match=r"expected an \(H, W, 3\) uint8 RGB array, got shape \(96, 128\)"):
+        det(np.zeros((96, 128), np.uint8))  # a grey image: one clear error, not an IndexError
 
 
 # ----------------------------------------------------------------------------------------------------------

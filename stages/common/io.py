@@ -53,6 +53,15 @@ class BadImage(Exception):
     """An input image that cannot be used; the run records the reason and goes on."""
 
 
+def checked_rgb(image: np.ndarray) -> np.ndarray:
+    """``image`` as an (H, W, 3) uint8 RGB array (as given, not converted); BadImage saying what it is
+    otherwise (a grey 2-D array, RGBA, floats, channels first)."""
+    rgb = np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise BadImage(f"expected an (H, W, 3) uint8 RGB array, got shape {rgb.shape} dtype {rgb.dtype}")
+    return rgb
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux shows it (os.umask would briefly set it
     for every thread)."""
