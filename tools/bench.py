@@ -490,6 +490,9 @@ def _child(name: str, queue) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     names = (argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
+    if {"-h", "--help"} & set(names):
+        print(f"usage: python -m tools.bench [SECTION ...]  (default: every section)\n{__doc__}")
+        return
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         sys.exit(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")

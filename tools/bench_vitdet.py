@@ -291,7 +291,10 @@ def _yes(ok: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Train the random-init R50 and the DINOv2 ViTDet on MaskCut's labels of the photos set "
+        "for the same CPU time, self-train one round, and print AP50 and CorLoc (README 'Self-training')."
+    )
     parser.add_argument("--minutes", type=float, default=MINUTES, help="CPU minutes per training round")
     parser.add_argument("--out", type=Path, default=None, help="keep (and resume) the training runs here")
     parser.add_argument(
