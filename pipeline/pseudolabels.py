@@ -24,7 +24,7 @@ from stages.data.datasets import ImageRecord, image_listing
 from stages.data.videos import VideoRecord, frame_records, list_videos
 from stages.features.backbone import BackboneConfig, resolve_device
 from stages.pseudolabels import Discoverer, pair_names, run_pairs, run_shard, run_video, validate_video_shard
-from stages.refinement.refine import RefineConfig, refine_backend
+from stages.refinement.refine import REFINERS, RefineConfig, refine_backend
 from stages.video.base import PairCache
 
 OUTPUT = "pseudolabels.json"
@@ -33,8 +33,17 @@ TRACKS = "ytvis.json"  # videos, YouTube-VIS style: one annotation per track, a 
 
 
 def code_version(cfg: Config) -> str:
-    """The version of the code that shapes this run's shards: its method's (``DiscoveryMethod.version``)."""
-    return f"{cfg.method.name} v{METHODS.get(cfg.method.name).version}"
+    """The version of the code that shapes this run's shards: its method's (``DiscoveryMethod.version``),
+    and the torch refinement when it refines them (``refine.backend`` on this device): refine.backend=auto
+    is the reference on a CPU and torch on CUDA, so a run resumed on the other kind of machine recomputes
+    the shards instead of mixing the two refinements in one file."""
+    version = f"{cfg.method.name} v{METHODS.get(cfg.method.name).version}"
+    refiner = getattr(cfg.method, "refine", None)
+    if refiner is None or REFINERS.get(refiner).torch is None:
+        return version
+    if refine_backend(cfg.refine.backend, resolve_device(cfg.backbone.device)) == "torch":
+        version += ", torch refinement"
+    return version
 
 
 def _refine_process_init() -> None:

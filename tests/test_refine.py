@@ -108,6 +108,20 @@ def test_auto_backend_is_torch_on_cuda_and_the_reference_on_cpu():
     assert refine_backend("torch", "cpu") == "torch" and refine_backend("reference", "cuda") == "reference"
 
 
+def test_shards_refined_by_torch_are_another_code_version(monkeypatch):
+    # refine.backend=auto is not in the run's hash (same settings) but refines differently on CUDA: a run
+    # resumed on the other kind of machine must see the finished shards as stale, not mix two refinements.
+    import torch
+
+    from pipeline import pseudolabels
+
+    maskcut, lost = load_config("demo", "maskcut"), load_config("demo", "lost")  # CRF; LOST refines nothing
+    on_cpu = {m: pseudolabels.code_version(c) for m, c in (("maskcut", maskcut), ("lost", lost))}
+    monkeypatch.setattr(pseudolabels, "resolve_device", lambda device: torch.device("cuda"))
+    assert pseudolabels.code_version(maskcut) != on_cpu["maskcut"]
+    assert pseudolabels.code_version(lost) == on_cpu["lost"]
+
+
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ValueError, match="refine.backend"):
         load_config(overrides=["refine.backend=gpu"])
