@@ -363,7 +363,7 @@ def prepare_image(rgb: np.ndarray, patch: int, resize: int | None) -> torch.Tens
     else zero-padded right/bottom (in normalised space, as TokenCut and LOST do)."""
     out_h, out_w = input_size(rgb.shape[0], rgb.shape[1], patch, resize)
     rgb = network_image(rgb, patch, resize)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+    x = torch.tensor(rgb).permute(2, 0, 1).float() / 255.0  # a copy: callers' arrays may be read-only
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     x = (x - mean) / std
