@@ -139,6 +139,8 @@ def _typed(section_class: type, data: Any, prefix: str) -> Any:
         err = e.errors(include_url=False)[0]
         loc = [prefix] if prefix else []
         for part in err["loc"]:
+            if part == "[key]":  # a mapping's key that is not allowed: the key itself is the last part
+                continue
             if isinstance(part, int) and loc:
                 loc[-1] += f"[{part}]"
             else:

@@ -65,6 +65,8 @@ def test_bad_configs_fail_naming_the_key(override, key):
         ("lost", "method.keys.dinov2=centred", "method.keys.dinov2"),
         ("lost", "method.keys.dinov3=raw", "method.keys.dinov3"),
         ("maskcut", "method.graph.dino.center_keys=true", "method.graph.dino.center_keys"),  # the old boolean
+        ("maskcut", "method.graph.dinov3.keys=raw", "method.graph.dinov3"),  # not a backbone family
+        ("votecut", "method.sources.dinov3=[]", "method.sources.dinov3"),
     ],
 )
 def test_bad_key_treatments_fail_naming_the_key(method, override, key):

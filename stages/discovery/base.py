@@ -119,6 +119,7 @@ def keys_to_masks(
 
 
 KeyTreatment = Literal["raw", "centered", "no_bias"]  # stages/discovery/ncut.py treat_keys
+Family = Literal["dino", "dinov2"]  # the backbone families (stages/features/backbone.py ARCHS)
 
 
 @section

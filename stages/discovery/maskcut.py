@@ -12,6 +12,7 @@ from stages.common.masks import mask_iou
 from stages.common.schema import fail, positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     GraphConfig,
     ImageMethod,
     PatchFeatures,
@@ -88,7 +89,7 @@ def maskcut(
 class MaskCutConfig:
     name: Literal["maskcut"]
     reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
-    graph: dict[str, GraphConfig]  # per backbone family: 'dino', 'dinov2'
+    graph: dict[Family, GraphConfig]  # per backbone family: 'dino', 'dinov2'
     eps: float  # weight of the edges below tau
     n_masks: int  # cuts per image
     max_overlap: float  # drop a mask whose IoU with the previous one is above this

@@ -10,6 +10,7 @@ import torch
 from stages.common.schema import positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     GraphConfig,
     ImageMethod,
     PatchFeatures,
@@ -53,7 +54,7 @@ def tokencut(
 class TokenCutConfig:
     name: Literal["tokencut"]
     reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
-    graph: dict[str, GraphConfig]  # per backbone family: 'dino', 'dinov2'
+    graph: dict[Family, GraphConfig]  # per backbone family: 'dino', 'dinov2'
     eps: float  # weight of the edges below tau
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none

@@ -34,6 +34,7 @@ from stages.common.masks import pairwise_iou, resize_masks
 from stages.common.schema import fail, positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     ImageMethod,
     KeyTreatment,
     PatchFeatures,
@@ -183,7 +184,7 @@ class VoteSource:
 class VoteCutConfig:
     name: Literal["votecut"]
     reference_backbone: str  # the backbone picked by backbone.arch=auto when its weights exist
-    sources: dict[str, list[VoteSource]]  # per backbone family ('dino', 'dinov2'): the graphs that vote
+    sources: dict[Family, list[VoteSource]]  # per backbone family ('dino', 'dinov2'): the graphs that vote
     eigenvectors: int  # smallest non-trivial eigenvectors per source ('num_eig_vecs')
     eps: float  # weight of the edges below tau
     ks: list[int]  # k-means groups per eigenvector (CuVLER: 2, 3)
