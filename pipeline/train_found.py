@@ -316,8 +316,7 @@ def train_found(cfg: Config, on_step: Callable[[int], None] | None = None) -> Pa
     views = TrainingViews(backbone, method, records, t.crop_size, cfg.backbone.batch_size, t.feature_cache_mb)
     print(
         f"FOUND head on {cfg.dataset.name}: {len(records)} images, {backbone.arch} views of {t.crop_size} "
-        f"px, "
-        f"{t.max_steps} steps of {t.batch_size} -> {run_dir.path}",
+        f"px, {t.max_steps} steps of {t.batch_size} -> {run_dir.path}",
         file=sys.stderr,
     )
     targets = load_or_make_targets(cfg, views, run_dir.path / TARGETS)
