@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
@@ -136,15 +136,14 @@ class GraphConfig:
 
 def validate_graphs(graph: dict[str, GraphConfig], key: str) -> None:
     """Graph settings are per backbone family: exactly 'dino' and 'dinov2'."""
-    for family in sorted(set(graph) ^ {"dino", "dinov2"}):
-        fail(f"{key}.{family}", "settings are needed for exactly the backbone families 'dino' and 'dinov2'")
+    validate_families(graph, key)
     for family, g in graph.items():
         g.validate(f"{key}.{family}")
 
 
 def validate_families(per_family: dict, key: str) -> None:
     """Settings given per backbone family: exactly 'dino' and 'dinov2'."""
-    for family in sorted(set(per_family) ^ {"dino", "dinov2"}):
+    for family in sorted(set(per_family) ^ set(get_args(Family))):
         fail(f"{key}.{family}", "settings are needed for exactly the backbone families 'dino' and 'dinov2'")
 
 

@@ -30,6 +30,7 @@ from stages.common.masks import components, resize_masks
 from stages.common.schema import fail, positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     ImageMethod,
     KeyTreatment,
     PatchFeatures,
@@ -210,7 +211,7 @@ class DeepSpectralConfig:
     downsample: int | None  # pixels per graph node; None = the patch size (one node per patch, DSM's)
     n_eigenvectors: int  # smallest non-trivial eigenvectors
     n_segments: int  # k-means segments on them (DSM: 4)
-    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    keys: dict[Family, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
     no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none

@@ -29,6 +29,7 @@ from stages.common.masks import components
 from stages.common.schema import fail, positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     ImageMethod,
     KeyTreatment,
     PatchFeatures,
@@ -374,7 +375,7 @@ class FoundConfig:
     reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
     tau: float  # cosine above which a patch is background (FOUND: 0.3)
     reweight: bool  # heads weighted by the sparsity of their CLS attention (FOUND: on)
-    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    keys: dict[Family, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
     min_patches: int  # foreground components smaller than this many patches are not objects
     no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
     resize: int | None  # square side the image is resized to; None = keep the size, pad

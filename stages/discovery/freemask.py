@@ -30,6 +30,7 @@ from stages.common.masks import pairwise_iou
 from stages.common.schema import fail, positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     ImageMethod,
     KeyTreatment,
     PatchFeatures,
@@ -156,7 +157,7 @@ class FreeMaskConfig:
     top_margin: float  # masks centred in the top fraction of the image are dropped (0.2)
     max_width: float  # masks spanning this fraction of the width or more are dropped (0.95)
     max_candidates: int  # masks entering Matrix NMS (SOLOv2's NMS_PRE, 500)
-    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    keys: dict[Family, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
     no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none

@@ -11,6 +11,7 @@ import torch
 from stages.common.schema import positive, section
 from stages.discovery.base import (
     METHODS,
+    Family,
     ImageMethod,
     KeyTreatment,
     PatchFeatures,
@@ -56,7 +57,7 @@ class LostConfig:
     name: Literal["lost"]
     reference_backbone: str  # the paper's backbone, picked by backbone.arch=auto when its weights exist
     k: int  # size of the low-degree candidate set
-    keys: dict[str, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
+    keys: dict[Family, KeyTreatment]  # key treatment per backbone family: 'dino', 'dinov2'
     resize: int | None  # square side the image is resized to; None = keep the size, pad
     refine: str  # a refiner (stages/refinement/refine.py REFINERS): crf, bilateral, none
     no_object: float | None  # the no-object rule's max_cosine (stages/discovery/no_object.py); null = off
