@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import METHODS, ConfigError, load_config
 from pipeline.resolve import resolve
 from pipeline.runs import load_backbone
 from stages.common.io import BadImage, checked_rgb, load_rgb
@@ -48,9 +48,10 @@ def discover(image: str | Path | np.ndarray, method: str = "maskcut", **override
     discovery order, and ``masks`` the refined (H, W) bool masks (a mask that refinement rejects is left
     out). Raises ConfigError for bad settings or a video method, BadImage for an unusable image.
     """
-    cfg = resolve(load_config("demo", method, [_override(k, v) for k, v in overrides.items()]))
-    if cfg.modality != "image":
+    # Before loading: the config is loaded against the image dataset 'demo', whose error would name it.
+    if method in METHODS and METHODS.get(method).modality != "image":
         raise ConfigError(f"{method} discovers objects in videos: use `make pseudolabels METHOD={method}`")
+    cfg = resolve(load_config("demo", method, [_override(k, v) for k, v in overrides.items()]))
     rgb = load_rgb(Path(image)) if isinstance(image, str | Path) else checked_rgb(image)
     discoverer = Discoverer.from_config(
         _backbone(cfg.backbone, cfg.seed), cfg.method, cfg.refine, cfg.run.max_patches

@@ -198,8 +198,9 @@ def test_discover_finds_the_object_in_one_image(configs, dataset):
     assert nothing.boxes == [] and nothing.masks == []
     with pytest.raises(pipeline.config.ConfigError, match="method.threshold"):
         discover(rgb, method="planted_box", threshold=-1, **settings)
-    with pytest.raises(pipeline.config.ConfigError, match="discovers objects in videos"):
+    with pytest.raises(pipeline.config.ConfigError, match="discovers objects in videos") as video_method:
         discover(rgb, method="ba", **settings)
+    assert "demo" not in str(video_method.value)  # not about the dataset discover() loads the config with
 
 
 def test_the_readme_python_example_runs(capsys, monkeypatch):
