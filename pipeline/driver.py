@@ -369,7 +369,8 @@ def merge_coco(stage: ShardedStage, out: Path, failures_out: Path, skipped: list
     write_jsonl(failures_out, [*skipped, *failures])
     return {
         "images": coco.n_images + len(failures),
-        "labelled": coco.n_images,
+        "labelled": coco.n_images,  # decoded and run through the method, with masks or without
+        "with_masks": coco.n_annotated,
         "failed": len(failures),
         "skipped": len(skipped),
         "annotations": coco.n_annotations,

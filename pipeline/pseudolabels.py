@@ -157,7 +157,8 @@ def merge(stage: ShardedStage, run_dir: RunDir, seconds: float, skipped: list[di
     summary = {**counts, "seconds": total_seconds(run_dir, seconds)}
     atomic_write_json(run_dir.path / "summary.json", summary)
     print(
-        f"{summary['images']} images: {summary['annotations']} masks on {summary['labelled']}, "
+        f"{summary['images']} images: {summary['annotations']} masks on {summary['with_masks']} "
+        f"({summary['labelled'] - summary['with_masks']} without), "
         f"{summary['failed']} failed, {summary['skipped']} skipped (see failures.jsonl) -> {out}",
         file=sys.stderr,
     )

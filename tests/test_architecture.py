@@ -167,6 +167,19 @@ def test_evaluation_takes_the_run_directory(first_run, capsys):
     assert "is not a run directory" in capsys.readouterr().err
 
 
+def test_the_summary_counts_images_with_masks_apart(first_run, configs, dataset, tmp_path, capsys):
+    _, path = first_run
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert (summary["labelled"], summary["with_masks"], summary["annotations"]) == (N_IMAGES,) * 3
+    # A threshold no patch reaches: every image is run through the method, none gets a mask.
+    cfg = load_config("imagefolder", "planted_box", [*overrides(dataset, tmp_path), "method.threshold=1000"])
+    capsys.readouterr()
+    empty = pseudolabels(cfg)
+    summary = json.loads((empty.parent / "summary.json").read_text())
+    assert (summary["labelled"], summary["with_masks"], summary["annotations"]) == (N_IMAGES, 0, 0)
+    assert f"{N_IMAGES} images: 0 masks on 0 ({N_IMAGES} without)" in capsys.readouterr().err
+
+
 def test_shards_of_another_code_version_are_computed_again(first_run, monkeypatch, capsys):
     cfg, path = first_run
     shards = sorted((path.parent / "shards").glob("shard-*.json"))

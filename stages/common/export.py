@@ -134,6 +134,7 @@ class CocoWriter:
     def __init__(self, path: Path):
         self.lists = JsonListsWriter(path, ("images", "annotations"))
         self.image_ids: set[int] = set()
+        self.annotated_ids: set[int] = set()
 
     def __enter__(self) -> CocoWriter:
         return self
@@ -149,6 +150,11 @@ class CocoWriter:
     def n_annotations(self) -> int:
         return self.lists.counts["annotations"]
 
+    @property
+    def n_annotated(self) -> int:
+        """Images with at least one annotation."""
+        return len(self.annotated_ids)
+
     def add(self, images: list[dict], annotations: list[dict]) -> None:
         for image in images:
             if image["id"] in self.image_ids:
@@ -157,6 +163,7 @@ class CocoWriter:
         for ann in annotations:
             if ann["image_id"] not in self.image_ids:
                 raise CocoError(f"{_name(ann, None)}: unknown image_id {ann['image_id']}")
+            self.annotated_ids.add(ann["image_id"])
         self.lists.add("images", images)
         self.lists.add("annotations", _numbered(annotations, self.n_annotations + 1))
 
