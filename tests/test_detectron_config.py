@@ -112,3 +112,29 @@ def test_precise_bn_runs_after_training_exactly_when_the_model_has_batchnorm(lab
         # statistics from plain training images, as CutLER's (its copy-paste is in the training step)
         assert not isinstance(hook._data_loader, CopyPasteLoader)
         assert isinstance(trainer.data_loader, CopyPasteLoader)
+
+
+def test_the_console_gets_a_digest_of_long_listings_and_log_txt_them_whole(tmp_path, capsys):
+    import io
+    import logging
+
+    from fvcore.common.checkpoint import get_missing_parameters_message
+
+    missing = ["roi_heads.box_head.fc1.weight", "roi_heads.box_head.fc1.bias", "proposal_generator.anchor.x"]
+    d2_console = io.StringIO()
+    with train.training_log(str(tmp_path)):
+        (handler,) = [h for h in logging.getLogger("detectron2").handlers if type(h) is logging.StreamHandler]
+        stream = handler.setStream(d2_console)
+        try:
+            logging.getLogger("detectron2.engine.defaults").info("Model:\nGeneralizedRCNN(\n  (backbone)\n)")
+            logging.getLogger("detectron2.engine.hooks").info("Overall training speed: 2 iterations")
+            logging.getLogger("fvcore.common.checkpoint").warning(get_missing_parameters_message(missing))
+        finally:
+            handler.setStream(stream)
+    console = d2_console.getvalue() + capsys.readouterr().err
+    log = (tmp_path / "log.txt").read_text()
+    for line in ("GeneralizedRCNN", "Overall training speed", "roi_heads.box_head.fc1", "proposal_generator"):
+        assert line in log
+    assert "Overall training speed" in console
+    assert "GeneralizedRCNN" not in console and "box_head" not in console
+    assert "not found in the checkpoint: 2 groups (listed in log.txt)" in console

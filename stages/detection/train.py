@@ -266,22 +266,58 @@ def build_trainer(cfg):
     return CutLERTrainer(cfg)
 
 
+class ConsoleDigest(logging.Filter):
+    """Keeps hundreds of lines off the console that log.txt keeps whole: the model's structure is dropped,
+    and a checkpoint's list of missing or unexpected parameters (expected for the heads when a round starts
+    from backbone weights) becomes its first line and a count."""
+
+    LISTS = ("Some model parameters or buffers are not found", "The checkpoint state_dict contains keys")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Model:\n"):
+            return False
+        if message.startswith(self.LISTS):
+            # Mutates the record: the file handler, added before this one, has written it whole already.
+            head, *groups = message.splitlines()
+            record.msg, record.args = f"{head.rstrip(':')}: {len(groups)} groups (listed in log.txt)", None
+        return True
+
+
+_CONSOLE_DIGEST = ConsoleDigest()  # one instance: adding it to a handler twice is a no-op
+
+
 @contextlib.contextmanager
 def training_log(output_dir: str):
-    """detectron2's iteration logs on the console (set up once) and in output_dir/log.txt (this round)."""
+    """detectron2's iteration logs on the console (set up once) and in output_dir/log.txt (this round),
+    with fvcore's checkpoint messages; long listings only in log.txt (``ConsoleDigest``)."""
     from detectron2.utils import comm
     from detectron2.utils.logger import setup_logger
 
     logger = setup_logger(distributed_rank=comm.get_rank(), name="detectron2")  # cached: console once
+    for h in logger.handlers:
+        if type(h) is logging.StreamHandler:
+            h.addFilter(_CONSOLE_DIGEST)
+    formatter = logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s")
     handler = logging.FileHandler(
         Path(output_dir) / f"log{'' if comm.is_main_process() else comm.get_rank()}.txt"
     )
-    handler.setFormatter(logging.Formatter("[%(asctime)s] %(name)s %(levelname)s: %(message)s"))
+    handler.setFormatter(formatter)
+    # fvcore's checkpointer has no handler of its own (Python printed its warnings bare): file, then console.
+    fvcore = logging.getLogger("fvcore")
+    console = logging.StreamHandler()
+    console.setFormatter(formatter)
+    console.addFilter(_CONSOLE_DIGEST)
+    console.setLevel(logging.WARNING)
     logger.addHandler(handler)
+    fvcore.addHandler(handler)
+    fvcore.addHandler(console)
     try:
         yield
     finally:
         logger.removeHandler(handler)
+        fvcore.removeHandler(handler)
+        fvcore.removeHandler(console)
         handler.close()
 
 
