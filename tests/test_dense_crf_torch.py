@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from pipeline.config import load_config
-from stages.refinement.dense_crf_torch import NormalizedKernel, crf_refine, mean_field
+from stages.refinement.dense_crf_torch import NormalizedKernel, _gaussian_kernel, crf_refine, mean_field
 from stages.refinement.refine import RefineConfig, mask_iou, refine_mask
 from stages.refinement.refine import crf_refine as reference_crf_refine
 from tests.synthetic import blocky, textured_scene
@@ -73,6 +73,19 @@ def test_masks_of_one_image_are_refined_as_if_alone(cfg):
     together = crf_refine(torch.from_numpy(image), masks, cfg.crf)
     for mask, refined in zip(masks, together, strict=True):
         assert torch.equal(crf_refine(torch.from_numpy(image), mask[None], cfg.crf)[0], refined)
+
+
+def test_images_of_one_size_share_the_gaussian_kernel_and_get_their_own_refinement(cfg):
+    _gaussian_kernel.cache_clear()
+    scenes = [textured_scene(96, 128, seed=s) for s in (2, 3)]
+    masks = [torch.from_numpy(blocky(obj))[None] for _, obj in scenes]
+    in_turn = [
+        crf_refine(torch.from_numpy(image), m, cfg.crf) for (image, _), m in zip(scenes, masks, strict=True)
+    ]
+    assert _gaussian_kernel.cache_info().hits == 1  # built for the first image, reused for the second
+    for (image, _), m, refined in zip(scenes, masks, in_turn, strict=True):
+        _gaussian_kernel.cache_clear()
+        assert torch.equal(crf_refine(torch.from_numpy(image), m, cfg.crf), refined)
 
 
 def test_rejects_what_the_reference_rejects(cfg):
