@@ -123,14 +123,18 @@ def test_the_console_gets_a_digest_of_long_listings_and_log_txt_them_whole(tmp_p
     missing = ["roi_heads.box_head.fc1.weight", "roi_heads.box_head.fc1.bias", "proposal_generator.anchor.x"]
     d2_console = io.StringIO()
     with train.training_log(str(tmp_path)):
-        (handler,) = [h for h in logging.getLogger("detectron2").handlers if type(h) is logging.StreamHandler]
-        stream = handler.setStream(d2_console)
+        # One console handler from training_log, another if a trainer was built outside it earlier in this
+        # process (DefaultTrainer then sets detectron2's logger up itself): read them all.
+        handlers = [h for h in logging.getLogger("detectron2").handlers if type(h) is logging.StreamHandler]
+        assert handlers
+        streams = [h.setStream(d2_console) for h in handlers]
         try:
             logging.getLogger("detectron2.engine.defaults").info("Model:\nGeneralizedRCNN(\n  (backbone)\n)")
             logging.getLogger("detectron2.engine.hooks").info("Overall training speed: 2 iterations")
             logging.getLogger("fvcore.common.checkpoint").warning(get_missing_parameters_message(missing))
         finally:
-            handler.setStream(stream)
+            for handler, stream in zip(handlers, streams, strict=True):
+                handler.setStream(stream)
     console = d2_console.getvalue() + capsys.readouterr().err
     log = (tmp_path / "log.txt").read_text()
     for line in ("GeneralizedRCNN", "Overall training speed", "roi_heads.box_head.fc1", "proposal_generator"):
