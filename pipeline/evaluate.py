@@ -90,8 +90,9 @@ def evaluate_detector(model_dir: Path, cfg: Config, gt: dict | None = None) -> d
         raise RunError(f"dataset '{cfg.dataset.name}' has no ground truth to evaluate against")
     out_dir = Path(model_dir) / "eval" / cfg.dataset.name
     preds = predict(Path(model_dir), list_images(cfg.dataset), out_dir / "shards", 100, cfg)
+    scored = {im["id"] for im in gt["images"]}  # all images, or the annotated ones (dataset.evaluate_on)
     metrics = {
-        "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
+        "ap": evaluate_ap(gt, [d for d in detections_for_ap(preds) if d["image_id"] in scored], max_dets=100),
         "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
     }
     atomic_write_json(out_dir / "metrics.json", metrics)

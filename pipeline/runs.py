@@ -76,6 +76,7 @@ EXECUTION_KEYS = (
     "run.overlays",
     "run.shard_retries",
     "run.refine_processes",  # the refinement is the same wherever it runs
+    "dataset.evaluate_on",  # which images AP scores: evaluation only, never the labels or the detector
     "train.rounds",  # more rounds extend a run; earlier rounds stay valid
     "train.num_gpus",
     "correlator.steps",  # more steps extend a training run

@@ -38,7 +38,7 @@ def coco_dataset(tmp_path: Path, annotations: list[dict], images: list[dict] | N
         images = [{"id": i, "file_name": f"{i}.png", "width": 60, "height": 40} for i in (1, 2, 3)]
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return DatasetConfig("handmade", "coco", str(root), str(path), None)
+    return DatasetConfig("handmade", "coco", str(root), str(path), None, "all")
 
 
 def rle_of(mask: np.ndarray) -> dict:
@@ -167,7 +167,7 @@ def voc(tmp_path: Path, ids=("000001", "000002"), xml=None) -> DatasetConfig:
         box = "<xmin>9</xmin><ymin>9</ymin><xmax>40</xmax><ymax>30</ymax>"
         body = f"<object><name>x</name><bndbox>{box}</bndbox></object>"
         (root / "Annotations" / f"{i}.xml").write_text(f"<annotation>{xml or body}</annotation>")
-    return DatasetConfig("voc07", "voc", str(root), None, "trainval")
+    return DatasetConfig("voc07", "voc", str(root), None, "trainval", "all")
 
 
 def test_voc_problems_are_named_by_file_and_entry(tmp_path):
@@ -195,7 +195,7 @@ def test_voc_problems_are_named_by_file_and_entry(tmp_path):
 def test_video_dataset_problems_are_named(tmp_path):
     root = tmp_path / "davis"
     write_davis_videos(root, n_videos=2, n_frames=3, annotations="Annotations/480p")
-    cfg = DatasetConfig("davis17", "davis", str(root), "Annotations/480p", "val")
+    cfg = DatasetConfig("davis17", "davis", str(root), "Annotations/480p", "val", "all")
     (root / "ImageSets" / "2017" / "val.txt").write_text("video0\nvideo1\nnope\n")
     with pytest.raises(DatasetError, match="val.txt: line 3: video 'nope' has no frame folder"):
         list_videos(cfg)
@@ -222,7 +222,7 @@ def test_video_dataset_problems_are_named(tmp_path):
             }
         )
     )
-    cfg = DatasetConfig("ytvis-bad", "ytvis", str(tmp_path), str(ytvis), None)
+    cfg = DatasetConfig("ytvis-bad", "ytvis", str(tmp_path), str(ytvis), None, "all")
     with pytest.raises(DatasetError) as e:
         list_videos(cfg)
     message = str(e.value)

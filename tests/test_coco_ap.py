@@ -5,8 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
+import pipeline.evaluate
+from pipeline.config import load_config
 from stages.common.export import mask_annotation
 from stages.evaluation.coco_ap import evaluate_ap, ground_truth_as_detections
 from tests.optional import require
@@ -116,3 +119,40 @@ def test_ap_and_ar_equal_the_values_computed_by_hand():
         assert res[kind]["AP75"] == pytest.approx(ap_high)
         assert res[kind]["AP"] == pytest.approx((3 * ap_low + 7 * ap_high) / 10)
         assert res[kind]["AR100"] == pytest.approx((3 * 2 / 3 + 7 * 1 / 3) / 10)
+
+
+@pytest.mark.parametrize("evaluate_on, ap50", [("all", 0.5), ("annotated", 1.0)])
+def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monkeypatch, evaluate_on, ap50):
+    images = []
+    for i in (1, 2, 3):
+        Image.new("RGB", (100, 100)).save(tmp_path / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 100, "height": 100})
+    box = [10, 10, 40, 40]  # [x, y, w, h] on image 1 only: images 2 and 3 are unlabelled, not empty
+    gt = {"images": images, "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box}]}
+    gt["categories"] = [{"id": 1, "name": "object"}]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    cfg = load_config(
+        "coco",
+        "maskcut",
+        [
+            f"dataset.root={tmp_path}",
+            f"dataset.annotations={tmp_path / 'gt.json'}",
+            f"dataset.evaluate_on={evaluate_on}",
+        ],
+    )
+    found = {"image_id": 1, "category_id": 1, "bbox": box, "det_bbox": box, "score": 0.9}
+    on_unlabelled = {
+        **found,
+        "image_id": 2,
+        "score": 0.99,
+    }  # first in score order: a false positive under "all"
+    preds = {"images": images, "annotations": [found, on_unlabelled]}
+    monkeypatch.setattr(pipeline.evaluate, "predict", lambda *args: preds)
+    metrics = pipeline.evaluate.evaluate_detector(tmp_path / "model", cfg)
+    assert metrics["ap"]["bbox"]["AP50"] == pytest.approx(ap50)
+    assert (metrics["corloc"]["hits"], metrics["corloc"]["images"]) == (1, 1)  # annotated images either way
+
+
+def test_the_photos_set_is_scored_on_its_annotated_images():
+    assert load_config("photos", "maskcut").dataset.evaluate_on == "annotated"
+    assert load_config("coco", "maskcut").dataset.evaluate_on == "all"  # COCO's rule stays the default

@@ -43,7 +43,9 @@ def voc(tmp_path):
         )
         (root / "Annotations" / f"{name}.xml").write_text(f"<annotation>{objs}</annotation>")
         Image.fromarray(np.zeros((60, 120, 3), np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
-    return DatasetConfig(name="voc07", kind="voc", root=str(root), annotations=None, split="trainval")
+    return DatasetConfig(
+        name="voc07", kind="voc", root=str(root), annotations=None, split="trainval", evaluate_on="all"
+    )
 
 
 def test_voc_boxes_lose_one_on_the_top_left(tmp_path):
@@ -72,7 +74,12 @@ def test_coco20k_keeps_listed_images_and_drops_crowd_boxes(tmp_path):
     )
     (tmp_path / "images").mkdir()
     cfg = DatasetConfig(
-        "coco20k", "coco20k", str(tmp_path / "images"), str(tmp_path / "ann.json"), str(tmp_path / "list.txt")
+        "coco20k",
+        "coco20k",
+        str(tmp_path / "images"),
+        str(tmp_path / "ann.json"),
+        str(tmp_path / "list.txt"),
+        "all",
     )
     assert [r.id for r in list_images(cfg)] == [1, 3]
     gt = ground_truth_boxes(cfg)
@@ -84,7 +91,7 @@ def test_image_folder_is_recursive_and_sorted(tmp_path):
     for name in ("b.JPG", "a/c.webp", "a/d.png", "notes.txt"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    cfg = DatasetConfig("f", "imagefolder", str(tmp_path), None, None)
+    cfg = DatasetConfig("f", "imagefolder", str(tmp_path), None, None, "all")
     assert [(r.id, r.file_name) for r in list_images(cfg)] == [(1, "a/c.webp"), (2, "a/d.png"), (3, "b.JPG")]
     with pytest.raises(DatasetError, match=r"dataset 'f' \(imagefolder\) has no ground truth"):
         ground_truth_boxes(cfg)

@@ -296,7 +296,7 @@ def test_rounds_are_evaluated_only_where_there_is_ground_truth(images, trained, 
     # Ground truth written by hand (the planted rectangles), not the round's own labels.
     gt, truth = planted_ground_truth(images)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    coco = DatasetConfig("selftrain-gt", "coco", str(images), str(tmp_path / "gt.json"), None)
+    coco = DatasetConfig("selftrain-gt", "coco", str(images), str(tmp_path / "gt.json"), None, "all")
     built = []
     monkeypatch.setattr(
         selftrain, "ground_truth_coco", lambda d: built.append(d) or datasets.ground_truth_coco(d)

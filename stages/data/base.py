@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from stages.common.registry import Registry
 from stages.common.schema import fail, section
@@ -40,6 +40,8 @@ class DatasetConfig:
     # VOC: ImageSets/Main/<split>.txt; COCO20k: the file list; DAVIS: ImageSets/2017/<split> (davis2016:
     # ImageSets/2016/<split>.txt); FBMS-59: the set's folder (Trainingset, Testset)
     split: str | None
+    # Which images of the ground truth AP scores (configs/defaults.yaml): all, or annotated ones only.
+    evaluate_on: Literal["all", "annotated"]
 
     def validate(self, key: str) -> None:
         kinds = load_kinds()

@@ -267,8 +267,12 @@ def ground_truth_coco(cfg: DatasetConfig) -> dict | None:
     """The dataset's ground truth as a checked, complete COCO instances dict (``complete_ground_truth``:
     iscrowd, area and bbox on every annotation), what every evaluation reads: CorLoc, AP, and video
     frames. VOC gives boxes only (so box AP only). None for an image folder or a video dataset without
-    annotations."""
-    return dataset_kind(cfg).ground_truth(cfg)
+    annotations. With ``evaluate_on: annotated`` only the images that have annotations are kept."""
+    gt = dataset_kind(cfg).ground_truth(cfg)
+    if gt is None or cfg.evaluate_on == "all":
+        return gt
+    annotated = {a["image_id"] for a in gt["annotations"]}
+    return {**gt, "images": [im for im in gt["images"] if im["id"] in annotated]}
 
 
 def ground_truth_boxes(cfg: DatasetConfig) -> dict[str, np.ndarray]:
