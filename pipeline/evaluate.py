@@ -88,15 +88,26 @@ def evaluate_detector(model_dir: Path, cfg: Config, gt: dict | None = None) -> d
     gt = gt if gt is not None else ground_truth_coco(cfg.dataset)
     if gt is None or not gt.get("annotations"):
         raise RunError(f"dataset '{cfg.dataset.name}' has no ground truth to evaluate against")
-    out_dir = Path(model_dir) / "eval" / cfg.dataset.name
-    preds = predict(Path(model_dir), list_images(cfg.dataset), out_dir / "shards", 100, cfg)
+    metrics = detector_metrics(model_dir, cfg, gt)
+    atomic_write_json(Path(model_dir) / "eval" / cfg.dataset.name / "metrics.json", metrics)
+    return metrics
+
+
+def detector_metrics(model_dir: Path, cfg: Config, gt: dict) -> dict:
+    """``evaluate_detector``'s metrics on the images of ``gt``, without writing metrics.json; predictions
+    are read from (or made into) model_dir/eval/<dataset>/shards."""
+    preds = predict(
+        Path(model_dir),
+        list_images(cfg.dataset),
+        Path(model_dir) / "eval" / cfg.dataset.name / "shards",
+        100,
+        cfg,
+    )
     scored = {im["id"] for im in gt["images"]}  # all images, or the annotated ones (dataset.evaluate_on)
-    metrics = {
+    return {
         "ap": evaluate_ap(gt, [d for d in detections_for_ap(preds) if d["image_id"] in scored], max_dets=100),
         "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
     }
-    atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
 
 
 def format_detector_metrics(metrics: dict) -> str:

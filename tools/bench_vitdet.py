@@ -129,41 +129,20 @@ def schedule(iterations: int) -> list:
 
 def metrics(round_dir: Path, cfg: Config, gt: dict) -> dict:
     """Box AP50 and top-1 CorLoc of a round's detector on the images of ``gt`` (those with annotations),
-    from the predictions the round's own evaluation kept (computed here when missing)."""
-    from pipeline.detect import detections_for_ap, predict
-    from pipeline.evaluate import top1_boxes
-    from stages.data.datasets import coco_boxes, list_images
-    from stages.evaluation.coco_ap import evaluate_ap
-    from stages.evaluation.corloc import corloc
+    from the predictions the round's own evaluation kept (computed here when missing). Box AP only: part
+    of the ground truth is boxes without masks (``evaluate_ap`` then scores boxes alone)."""
+    from pipeline.evaluate import detector_metrics
 
-    # the same shards as the round's evaluation over the whole dataset: read back, not recomputed
-    preds = predict(
-        round_dir, list_images(cfg.dataset), round_dir / "eval" / cfg.dataset.name / "shards", 100, cfg
-    )
-    keep = {im["id"] for im in gt["images"]}
-    preds = {
-        "images": [im for im in preds["images"] if im["id"] in keep],
-        "annotations": [a for a in preds["annotations"] if a["image_id"] in keep],
-    }
-    # box AP only: part of the ground truth is boxes without masks
-    box_gt = {**gt, "annotations": [_without_mask(a) for a in gt["annotations"]]}
-    dets = [_without_mask(d) for d in detections_for_ap(preds)]
-    return {
-        "ap50": evaluate_ap(box_gt, dets, max_dets=100)["bbox"]["AP50"],
-        "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
-    }
-
-
-def _without_mask(ann: dict) -> dict:
-    return {k: v for k, v in ann.items() if k != "segmentation"}
+    result = detector_metrics(round_dir, cfg, gt)
+    return {"ap50": result["ap"]["bbox"]["AP50"], "corloc": result["corloc"]}
 
 
 def annotated_ground_truth(cfg: Config) -> dict:
+    """The ground truth of the images that have annotations, whatever the run's dataset.evaluate_on (runs
+    saved before the key score all images)."""
     from stages.data.datasets import ground_truth_coco
 
-    gt = ground_truth_coco(cfg.dataset)
-    ids = {a["image_id"] for a in gt["annotations"]}
-    return {**gt, "images": [im for im in gt["images"] if im["id"] in ids]}
+    return ground_truth_coco(replace(cfg, **{"dataset.evaluate_on": "annotated"}).dataset)
 
 
 # ----------------------------------------------------------------------------------------------------------
