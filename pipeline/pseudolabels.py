@@ -24,7 +24,7 @@ from stages.data.datasets import ImageRecord, image_listing
 from stages.data.videos import VideoRecord, frame_records, list_videos
 from stages.features.backbone import BackboneConfig, resolve_device
 from stages.pseudolabels import Discoverer, pair_names, run_pairs, run_shard, run_video, validate_video_shard
-from stages.refinement.refine import REFINERS, RefineConfig, refine_backend
+from stages.refinement.refine import REFINERS, RefineConfig, torch_from
 from stages.video.base import PairCache
 
 OUTPUT = "pseudolabels.json"
@@ -34,15 +34,19 @@ TRACKS = "ytvis.json"  # videos, YouTube-VIS style: one annotation per track, a 
 
 def code_version(cfg: Config) -> str:
     """The version of the code that shapes this run's shards: its method's (``DiscoveryMethod.version``),
-    and the torch refinement when it refines them (``refine.backend`` on this device): refine.backend=auto
-    is the reference on a CPU and torch on CUDA, so a run resumed on the other kind of machine recomputes
-    the shards instead of mixing the two refinements in one file."""
+    and the torch refinement where it refines them (``refine.backend`` on this device, ``torch_from``):
+    refine.backend is not in the run's hash, and auto picks by device, so a run resumed on another kind of
+    machine, or by a version that picks otherwise, recomputes the shards instead of mixing two refinements
+    in one file."""
     version = f"{cfg.method.name} v{METHODS.get(cfg.method.name).version}"
     refiner = getattr(cfg.method, "refine", None)
-    if refiner is None or REFINERS.get(refiner).torch is None:
+    if refiner is None:
         return version
-    if refine_backend(cfg.refine.backend, resolve_device(cfg.backbone.device)) == "torch":
+    first = torch_from(cfg.refine.backend, resolve_device(cfg.backbone.device), REFINERS.get(refiner))
+    if first == 1:
         version += ", torch refinement"
+    elif first is not None:
+        version += f", torch refinement from {first} masks per image"
     return version
 
 
@@ -61,7 +65,7 @@ def refine_pool(processes: int, backbone: BackboneConfig, refine: RefineConfig) 
     (``run.refine_processes``); None (refine in the worker itself) for 0, or when refinement runs on the
     worker's GPU (``refine.backend``: torch on CUDA)."""
     device = resolve_device(backbone.device)
-    if processes == 0 or (device.type == "cuda" and refine_backend(refine.backend, device) == "torch"):
+    if processes == 0 or (device.type == "cuda" and refine.backend != "reference"):
         return None
     # spawn: a Ray actor has threads (Ray's, torch's), which fork would copy in an unknown state.
     context = multiprocessing.get_context("spawn")

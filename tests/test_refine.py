@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import load_config
 from stages.refinement.bilateral_solver import bilateral_solve
 from stages.refinement.refine import (
+    REFINERS,
     RefineConfig,
     largest_component,
     mask_iou,
@@ -102,24 +103,72 @@ def test_torch_backend_snaps_like_the_reference(cfg, method):
         )
 
 
-def test_auto_backend_is_torch_on_cuda_and_the_reference_on_cpu():
-    assert refine_backend("auto", "cpu") == "reference"
-    assert refine_backend("auto", "cuda") == "torch" and refine_backend("auto", "cuda:1") == "torch"
-    assert refine_backend("torch", "cpu") == "torch" and refine_backend("reference", "cuda") == "reference"
+def test_auto_backend_is_torch_on_cuda_and_the_faster_one_on_cpu():
+    crf, none = REFINERS.get("crf"), REFINERS.get("none")
+    assert refine_backend("auto", "cuda", crf) == "torch" and refine_backend("auto", "cuda:1", crf) == "torch"
+    assert (
+        refine_backend("torch", "cpu", crf) == "torch"
+        and refine_backend("reference", "cuda", crf) == "reference"
+    )
+    # On a CPU: torch from the refiner's measured mask count on (one lattice shared by an image's masks).
+    fake = dataclasses.replace(crf, cpu_torch_from=3)
+    assert [refine_backend("auto", "cpu", fake, n) for n in (1, 2, 3, 7)] == ["reference"] * 2 + ["torch"] * 2
+    assert refine_backend("auto", "cpu", dataclasses.replace(crf, cpu_torch_from=None), 50) == "reference"
+    assert refine_backend("torch", "cpu", fake, 1) == "torch"  # asked for: whatever the count
+    # A refiner without a torch version runs its reference whatever the backend.
+    assert refine_backend("torch", "cuda", none) == refine_backend("auto", "cpu", none, 9) == "reference"
 
 
-def test_shards_refined_by_torch_are_another_code_version(monkeypatch):
-    # refine.backend=auto is not in the run's hash (same settings) but refines differently on CUDA: a run
-    # resumed on the other kind of machine must see the finished shards as stale, not mix two refinements.
+def test_auto_backend_refines_each_image_with_the_implementation_its_mask_count_picks(cfg, monkeypatch):
+    # bilateral from 2 masks on: one mask goes to the reference, two to torch (refined as one batch).
+    from stages.refinement import refine as module
+
+    calls = []
+    bilateral = REFINERS.get("bilateral")
+    spy = dataclasses.replace(
+        bilateral,
+        reference=lambda image, mask, c: calls.append("reference") or bilateral.reference(image, mask, c),
+        torch=lambda image, masks, c: (
+            calls.append(f"torch x{len(masks)}") or bilateral.torch(image, masks, c)
+        ),
+        cpu_torch_from=2,
+    )
+    monkeypatch.setattr(module.REFINERS, "get", lambda name: spy)
+    image, obj = scene(noise=4.0)
+    auto = dataclasses.replace(cfg, backend="auto")
+    (one,) = refine_masks(image, [blocky(obj)], "bilateral", auto)
+    two = refine_masks(image, [blocky(obj), shifted(obj)], "bilateral", auto)
+    assert calls == ["reference", "torch x2"]
+    assert all(m is not None and mask_iou(m, obj) > 0.95 for m in [one, *two])
+
+
+def test_shards_refined_by_another_implementation_are_another_code_version(monkeypatch):
+    # refine.backend is not in the run's hash (same settings) but auto refines differently by device: a run
+    # resumed on another kind of machine, or with another backend, must see the finished shards as stale,
+    # not mix two refinements in one file.
     import torch
 
     from pipeline import pseudolabels
 
-    maskcut, lost = load_config("demo", "maskcut"), load_config("demo", "lost")  # CRF; LOST refines nothing
-    on_cpu = {m: pseudolabels.code_version(c) for m, c in (("maskcut", maskcut), ("lost", lost))}
-    monkeypatch.setattr(pseudolabels, "resolve_device", lambda device: torch.device("cuda"))
-    assert pseudolabels.code_version(maskcut) != on_cpu["maskcut"]
-    assert pseudolabels.code_version(lost) == on_cpu["lost"]
+    def version(dataset, method, *overrides, device="cpu"):
+        monkeypatch.setattr(pseudolabels, "resolve_device", lambda _: torch.device(device))
+        return pseudolabels.code_version(load_config(dataset, method, overrides=list(overrides)))
+
+    for method in ("maskcut", "tokencut"):  # CRF, bilateral solver
+        reference, torch_cpu = (
+            version("demo", method, f"refine.backend={b}") for b in ("reference", "torch")
+        )
+        assert reference != torch_cpu == version("demo", method, device="cuda")
+        first = REFINERS.get(load_config("demo", method).method.refine).cpu_torch_from
+        assert version("demo", method) == (
+            torch_cpu
+            if first == 1
+            else reference
+            if first is None
+            else f"{reference}, torch refinement from {first} masks per image"
+        )
+    # LOST refines nothing: one version everywhere.
+    assert version("demo", "lost", "refine.backend=reference") == version("demo", "lost", device="cuda")
 
 
 def test_unknown_backend_is_a_config_error():

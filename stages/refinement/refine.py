@@ -40,7 +40,7 @@ class CrfConfig:
 @section
 class RefineConfig:
     min_iou: float  # reject a refined mask whose IoU with the raw mask is below this
-    # auto: torch on a CUDA device, the reference on CPU (the reference's outputs are the demo's bytes)
+    # auto: torch on a CUDA device; on a CPU the faster of the two for the image's mask count (torch_from)
     backend: Literal["auto", "reference", "torch"]
     crf: CrfConfig
     bilateral: BilateralConfig
@@ -59,14 +59,23 @@ class Refiner:
     ``reference``: (HxWx3 uint8 RGB, HxW bool coarse mask, RefineConfig) -> HxW bool refined mask (numpy).
     ``torch``: (HxWx3 uint8 tensor, (B, H, W) bool masks, RefineConfig) -> (B, H, W) bool, on the inputs'
     device; None when the refiner has no torch version (then the reference runs whatever the backend).
+    ``cpu_torch_from``: with ``refine.backend=auto`` on a CPU, the torch version refines an image with at
+    least this many masks (it builds its lattice or grid once per image and shares it among the masks, so it
+    overtakes the reference from some count on, README "Performance"); None: never on a CPU.
     """
 
     reference: Callable[[np.ndarray, np.ndarray, RefineConfig], np.ndarray]
     torch: Callable[[torch.Tensor, torch.Tensor, RefineConfig], torch.Tensor] | None = None
+    cpu_torch_from: int | None = None
 
 
 # name -> Refiner. A method's config names one (``method.refine``).
 REFINERS: Registry[Refiner] = Registry("refinement")
+
+# refine.backend=auto on a CPU: the torch version from this many masks per image on (README "Performance",
+# demo photos at MaskCut's 480x480). The torch CRF was faster at every count, in 1 and 2 threads; the torch
+# bilateral solver only from 2 masks in 2 threads (one mask: 71 against 62 ms), so TokenCut keeps scipy.
+CPU_TORCH_FROM = {"crf": 1, "bilateral": 2}
 
 
 def _check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
@@ -91,27 +100,38 @@ REFINERS.register("crf")(
     Refiner(
         reference=lambda image, mask, cfg: crf_refine(image, mask, cfg.crf),
         torch=lambda image, masks, cfg: dense_crf_torch.crf_refine(image, masks, cfg.crf),
+        cpu_torch_from=CPU_TORCH_FROM["crf"],
     )
 )
 REFINERS.register("bilateral")(
     Refiner(
         reference=lambda image, mask, cfg: bilateral_refine(image, mask, cfg.bilateral),
         torch=lambda image, masks, cfg: bilateral_solver_torch.bilateral_refine(image, masks, cfg.bilateral),
+        cpu_torch_from=CPU_TORCH_FROM["bilateral"],
     )
 )
 REFINERS.register("none")(Refiner(reference=lambda image, mask, cfg: mask))
 
 
-def refine_backend(backend: str, device: str | torch.device) -> str:
-    """The implementation ``refine.backend`` picks on ``device``: 'torch' or 'reference'.
+def torch_from(backend: str, device: str | torch.device, refiner: Refiner) -> int | None:
+    """From how many masks per image ``backend`` refines with ``refiner``'s torch version on ``device``;
+    None: never (the reference always).
 
     'auto' is torch on CUDA (where the references, single-threaded on the CPU, would keep the GPU waiting)
-    and the reference on a CPU: there the torch versions are faster per mask (README "Performance") but
-    not bit-identical, and the reference keeps every output as it was.
+    and, on a CPU, torch from ``refiner.cpu_torch_from`` masks on, where it is the faster of the two.
     """
-    if backend == "auto":
-        return "torch" if torch.device(device).type == "cuda" else "reference"
-    return backend
+    if refiner.torch is None or backend == "reference":
+        return None
+    if backend == "torch" or torch.device(device).type == "cuda":
+        return 1
+    return refiner.cpu_torch_from
+
+
+def refine_backend(backend: str, device: str | torch.device, refiner: Refiner, masks: int = 1) -> str:
+    """The implementation (``'torch'`` or ``'reference'``) that ``backend`` picks on ``device`` for an image
+    with ``masks`` masks (``torch_from``)."""
+    first = torch_from(backend, device, refiner)
+    return "torch" if first is not None and masks >= first else "reference"
 
 
 def crf_refine(image: np.ndarray, mask: np.ndarray, cfg: CrfConfig) -> np.ndarray:
@@ -190,7 +210,7 @@ def refine_masks(
         _check_inputs(image, mask)
     if not masks:
         return []
-    if refiner.torch is not None and refine_backend(cfg.backend, device) == "torch":
+    if refine_backend(cfg.backend, device, refiner, len(masks)) == "torch":
         batch = torch.from_numpy(np.stack(masks)).to(device)
         refined = list(refiner.torch(torch.from_numpy(image).to(device), batch, cfg).cpu().numpy())
     else:
