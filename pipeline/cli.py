@@ -14,10 +14,11 @@ from pipeline.runs import RunError
 from stages.common.export import CocoError
 from stages.common.paths import REPO_ROOT
 from stages.data.datasets import DatasetError
+from stages.detect import NotADetector
 from stages.detection.train import TrainingError
 from stages.features.backbone import WeightsError
 
-USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError, TrainingError)
+USER_ERRORS = (ConfigError, WeightsError, DatasetError, RunError, CocoError, TrainingError, NotADetector)
 
 
 def _pseudolabels(cfg, args) -> None:
@@ -44,8 +45,8 @@ def _eval(cfg, args) -> None:
     else:
         raise RunError(
             "give the detector directory to evaluate (make eval MODEL=runs/selftrain/.../round2), use a "
-            "video method (METHOD=ba, METHOD=solv) for video metrics, or make eval-corloc for a pseudo-label "
-            "run"
+            "video method (METHOD=ba, METHOD=solv, METHOD=sslvos) for video metrics, or make eval-corloc for "
+            "a pseudo-label run"
         )
 
 
@@ -77,7 +78,10 @@ COMMANDS = {
     "pseudolabels": (_pseudolabels, "discover objects and write a COCO pseudo-label file"),
     "eval-corloc": (_eval_corloc, "CorLoc of a pseudo-label run against the dataset's ground truth"),
     "selftrain": (_selftrain, "train a detector on the pseudo-labels, then self-train round after round"),
-    "eval": (_eval, "detector AP/AR and CorLoc (--model), or video J&F, FG-ARI and mIoU (--method ba, solv)"),
+    "eval": (
+        _eval,
+        "detector AP/AR and CorLoc (--model), or video J&F, FG-ARI and mIoU (--method ba, solv, sslvos)",
+    ),
     "train-correlator": (_train_correlator, "train BA's temporal correlator on a video dataset"),
     "train-solv": (_train_solv, "train SOLV's model on a video dataset (--method solv)"),
     "train-found": (

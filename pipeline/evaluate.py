@@ -16,6 +16,7 @@ from stages.common import rle
 from stages.common.io import atomic_write_json, read_json
 from stages.data.datasets import coco_boxes, ground_truth_boxes, ground_truth_coco, list_images
 from stages.data.videos import check_video_ground_truth, evaluation_protocol, list_videos, video_truth
+from stages.detect import check_detector_dir
 from stages.evaluation.coco_ap import evaluate_ap
 from stages.evaluation.corloc import corloc
 from stages.evaluation.video_metrics import (
@@ -84,36 +85,51 @@ def top1_boxes(predictions: dict) -> dict[str, np.ndarray | None]:
 def evaluate_detector(model_dir: Path, cfg: Config, gt: dict | None = None) -> dict:
     """Class-agnostic box and mask AP/AR (100 detections) and top-1-box CorLoc of a detector directory on
     ``cfg.dataset`` (``gt``: its ground_truth_coco, when the caller has it already); predictions
-    (resumable) and metrics are kept under model_dir/eval/<dataset>/."""
+    (resumable) and metrics are kept under model_dir/eval/<dataset>/. Raises NotADetector (before any
+    work) when ``model_dir`` holds no detector."""
+    check_detector_dir(Path(model_dir))
     gt = gt if gt is not None else ground_truth_coco(cfg.dataset)
     if gt is None or not gt.get("annotations"):
         raise RunError(f"dataset '{cfg.dataset.name}' has no ground truth to evaluate against")
-    metrics = detector_metrics(model_dir, cfg, gt)
+    metrics = {**detector_metrics(model_dir, cfg, gt), "evaluate_on": cfg.dataset.evaluate_on}
     atomic_write_json(Path(model_dir) / "eval" / cfg.dataset.name / "metrics.json", metrics)
     return metrics
 
 
 def detector_metrics(model_dir: Path, cfg: Config, gt: dict) -> dict:
-    """``evaluate_detector``'s metrics on the images of ``gt``, without writing metrics.json; predictions
-    are read from (or made into) model_dir/eval/<dataset>/shards."""
-    preds = predict(
-        Path(model_dir),
-        list_images(cfg.dataset),
-        Path(model_dir) / "eval" / cfg.dataset.name / "shards",
-        100,
-        cfg,
-    )
-    scored = {im["id"] for im in gt["images"]}  # all images, or the annotated ones (dataset.evaluate_on)
-    return {
-        "ap": evaluate_ap(gt, [d for d in detections_for_ap(preds) if d["image_id"] in scored], max_dets=100),
+    """``evaluate_detector``'s metrics on the images of ``gt`` (all the dataset's, or the annotated ones:
+    dataset.evaluate_on), without writing metrics.json: {"ap", "corloc", "images_scored", "images"}. The
+    detector runs on those images only; its predictions are read from (or made into)
+    model_dir/eval/<dataset>/shards, or shards-annotated when ``gt`` leaves images out."""
+    scored = {im["id"] for im in gt["images"]}
+    records = list_images(cfg.dataset)
+    subset = [r for r in records if r.id in scored]
+    shards = "shards" if len(subset) == len(records) else "shards-annotated"
+    preds = predict(Path(model_dir), subset, Path(model_dir) / "eval" / cfg.dataset.name / shards, 100, cfg)
+    metrics = {
+        "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
         "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
+        "images_scored": len(subset),
+        "images": len(records),
     }
+    boxes_only = sum("segmentation" not in a for a in gt["annotations"])
+    if "segm" not in metrics["ap"] and boxes_only:
+        metrics["no_mask_ap"] = (
+            f"{boxes_only} of the {len(gt['annotations'])} ground-truth objects are boxes without masks"
+        )
+    return metrics
 
 
 def format_detector_metrics(metrics: dict) -> str:
-    lines = ["        AP    AP50  AP75  AR100"]
+    lines = []
+    if "images_scored" in metrics:
+        rule = f" (dataset.evaluate_on={metrics['evaluate_on']})" if "evaluate_on" in metrics else ""
+        lines.append(f"AP on {metrics['images_scored']} of the dataset's {metrics['images']} images{rule}")
+    lines.append("        AP    AP50  AP75  AR100")
     for kind, m in metrics["ap"].items():
         lines.append(f"{kind:6s}" + "".join(f"{100 * m[k]:6.1f}" for k in ("AP", "AP50", "AP75", "AR100")))
+    if "no_mask_ap" in metrics:
+        lines.append(f"segm  not scored: {metrics['no_mask_ap']}")
     c = metrics["corloc"]
     lines.append(f"CorLoc (top-1 box) {100 * c['corloc']:.1f}% ({c['hits']}/{c['images']})")
     return "\n".join(lines)

@@ -21,6 +21,12 @@ CONFIG = "config.yaml"
 METADATA = "metadata.json"
 
 
+class NotADetector(FileNotFoundError):
+    """A path given as a detector directory that is not one (missing, a file, or a directory without
+    ``model_final.pth`` and ``config.yaml``); the message says which, and names the rounds of a self-training
+    run directory."""
+
+
 @dataclass
 class Detections:
     boxes: np.ndarray  # (N, 4) float [x0, y0, x1, y1], best score first
@@ -64,14 +70,32 @@ def detector_cfg(model_dir: Path, device: str = "auto"):
     from stages.detection.detectron_config import cutler_cfg
 
     model_dir = Path(model_dir)
-    for name in (WEIGHTS, CONFIG):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir} is not a detector directory: no {name}")
+    check_detector_dir(model_dir)
     cfg = cutler_cfg()
     cfg.merge_from_file(str(model_dir / CONFIG))
     cfg.MODEL.WEIGHTS = str(model_dir / WEIGHTS)
     cfg.MODEL.DEVICE = resolve_device(device).type
     return cfg
+
+
+def check_detector_dir(model_dir: Path) -> None:
+    """Raise NotADetector unless ``model_dir`` holds a detector (``model_final.pth`` and ``config.yaml``)."""
+    if not model_dir.exists():
+        raise NotADetector(f"{model_dir}: no such detector directory")
+    if not model_dir.is_dir():
+        raise NotADetector(f"{model_dir} is a file, not a detector directory (one holding {WEIGHTS})")
+    missing = [name for name in (WEIGHTS, CONFIG) if not (model_dir / name).is_file()]
+    if not missing:
+        return
+    rounds = sorted(
+        (p.name for p in model_dir.glob("round*") if (p / WEIGHTS).is_file()), key=lambda n: (len(n), n)
+    )
+    hint = (
+        f"; it holds the rounds {', '.join(rounds)}: give one of them, e.g. {model_dir / rounds[-1]}"
+        if rounds
+        else ""
+    )
+    raise NotADetector(f"{model_dir} is not a detector directory: no {' or '.join(missing)}{hint}")
 
 
 def load_detector(model_dir: str | Path, device: str = "auto", max_detections: int | None = None) -> Detector:

@@ -146,11 +146,39 @@ def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monk
         "image_id": 2,
         "score": 0.99,
     }  # first in score order: a false positive under "all"
-    preds = {"images": images, "annotations": [found, on_unlabelled]}
-    monkeypatch.setattr(pipeline.evaluate, "predict", lambda *args: preds)
-    metrics = pipeline.evaluate.evaluate_detector(tmp_path / "model", cfg)
+    calls = []
+
+    def predict(
+        model_dir, records, out_dir, max_dets, cfg
+    ):  # the detector's output on the images it is run on
+        calls.append((sorted(r.id for r in records), out_dir.name))
+        ids = {r.id for r in records}
+        return {"images": [im for im in images if im["id"] in ids],
+                "annotations": [a for a in (found, on_unlabelled) if a["image_id"] in ids]}  # fmt: skip
+
+    monkeypatch.setattr(pipeline.evaluate, "predict", predict)
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model_final.pth", "config.yaml"):
+        (model / name).touch()
+    metrics = pipeline.evaluate.evaluate_detector(model, cfg)
     assert metrics["ap"]["bbox"]["AP50"] == pytest.approx(ap50)
     assert (metrics["corloc"]["hits"], metrics["corloc"]["images"]) == (1, 1)  # annotated images either way
+    # The detector runs only on the scored images; the metrics say which rule scored how many.
+    scored = [1, 2, 3] if evaluate_on == "all" else [1]
+    assert calls == [(scored, "shards" if evaluate_on == "all" else "shards-annotated")]
+    assert (metrics["images_scored"], metrics["images"], metrics["evaluate_on"]) == (
+        len(scored),
+        3,
+        evaluate_on,
+    )
+    # The ground truth is a box without a mask: no mask AP, and the output says why.
+    assert "segm" not in metrics["ap"]
+    assert metrics["no_mask_ap"] == "1 of the 1 ground-truth objects are boxes without masks"
+    saved = json.loads((model / "eval" / "coco" / "metrics.json").read_text())
+    assert saved["evaluate_on"] == evaluate_on and saved["images_scored"] == len(scored)
+    head = pipeline.evaluate.format_detector_metrics(metrics).splitlines()[0]
+    assert head == f"AP on {len(scored)} of the dataset's 3 images (dataset.evaluate_on={evaluate_on})"
 
 
 def test_the_photos_set_is_scored_on_its_annotated_images():

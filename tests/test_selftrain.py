@@ -101,6 +101,27 @@ def test_a_detector_directory_loads_in_one_call_and_predicts(trained):
     assert np.all(np.diff(out.scores) <= 0)  # best first
 
 
+def test_a_path_that_is_not_a_detector_is_one_user_error_line(trained, tmp_path, capsys):
+    from pipeline import cli
+
+    cfg, last = trained
+    root = last.parent  # the self-training run: its rounds are the detectors
+    (tmp_path / "labels.json").write_text("{}")
+    cases = {
+        root: f"{root} is not a detector directory: no model_final.pth; it holds the rounds round0, round1: "
+        f"give one of them, e.g. {root / 'round1'}",
+        tmp_path / "nothere": f"{tmp_path / 'nothere'}: no such detector directory",
+        tmp_path / "labels.json": f"{tmp_path / 'labels.json'} is a file, not a detector directory",
+    }
+    for model, message in cases.items():
+        argv = ["eval", "--dataset", "imagefolder", "--model", str(model), f"dataset.root={cfg.dataset.root}"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {message}")
+    with pytest.raises(FileNotFoundError, match="no such detector directory"):  # the Python API's error
+        load_detector(tmp_path / "nothere")
+
+
 class Interrupted(Exception):
     pass
 
