@@ -12,9 +12,11 @@ ConfigError naming the full dotted key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +123,28 @@ class Config:
 # Building the sections from plain data (pydantic), with errors that name the key
 
 _MESSAGES = {
-    "extra_forbidden": "unknown key",
     "missing": "missing (every key needs a value in configs/*.yaml)",
 }
+_UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
+
+
+def _fields_at(section_class: type, path: list[str]) -> list[str]:
+    """The key names of the section at ``path`` (names below ``section_class``), [] if it is not one."""
+    node: Any = section_class
+    for name in path:
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if name not in hints:
+            return []
+        node = hints[name]
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
+def _unknown_key(section_class: type, parts: list[str], dotted: list[str]) -> str:
+    """'unknown key', with the closest known name at that level when one is close (``parts``: the path
+    below ``section_class``; ``dotted``: the full key, as the error names it)."""
+    known = _fields_at(section_class, parts[:-1])
+    close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
+    return f"unknown key (did you mean '{'.'.join([*dotted[:-1], close[0]])}'?)" if close else "unknown key"
 
 
 @functools.cache
@@ -145,7 +166,11 @@ def _typed(section_class: type, data: Any, prefix: str) -> Any:
                 loc[-1] += f"[{part}]"
             else:
                 loc.append(str(part))
-        msg = _MESSAGES.get(err["type"], f"{err['msg']}, got {err.get('input')!r}")
+        if err["type"] in _UNKNOWN:
+            parts = [str(p) for p in err["loc"] if isinstance(p, str) and p != "[key]"]
+            msg = _unknown_key(section_class, parts, loc)
+        else:
+            msg = _MESSAGES.get(err["type"], f"{err['msg']}, got {err.get('input')!r}")
         raise ConfigError(f"config key '{'.'.join(loc) or '<root>'}': {msg}") from None
 
 

@@ -74,6 +74,22 @@ def test_bad_key_treatments_fail_naming_the_key(method, override, key):
         load_config("demo", method, [override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.n_mask=2", "config key 'method.n_mask': unknown key (did you mean 'method.n_masks'?)"),
+        ("methd.n_masks=2", "config key 'methd': unknown key (did you mean 'method'?)"),
+        ("refine.crf.iter=3", "config key 'refine.crf.iter': unknown key (did you mean 'refine.crf.iters'?)"),
+        ("run.shard_sise=3", "config key 'run.shard_sise': unknown key (did you mean 'run.shard_size'?)"),
+        ("run.zzz=3", "config key 'run.zzz': unknown key"),  # nothing close: no guess
+    ],
+)
+def test_an_unknown_key_is_named_with_the_closest_known_one(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", "maskcut", [override])
+    assert str(error.value) == message
+
+
 def test_unknown_dataset_and_bad_override_syntax():
     with pytest.raises(ConfigError, match="available: .*voc07"):
         load_config("voc2099", "maskcut")
