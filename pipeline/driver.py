@@ -205,6 +205,13 @@ def run_stage(stage: ShardedStage, run: RunConfig, device: str) -> ShardReport:
             f"{stage.version or 'unversioned'}): computing them again",
             file=sys.stderr,
         )
+    finished = len(stage.shards) - len(todo)
+    if finished:
+        print(
+            f"{stage.name}: resuming: {finished} of {len(stage.shards)} shards already done, "
+            f"{len(todo)} to compute",
+            file=sys.stderr,
+        )
     use_gpu = resolve_device(device).type == "cuda"
     ensure_ray(run.ray_address, run.object_store_mb)
     workers = run.workers or default_workers(run.threads_per_worker, use_gpu)

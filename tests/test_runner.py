@@ -87,7 +87,7 @@ def test_second_run_skips_every_shard(first_run):
     assert seconds > 0 and json.loads((path.parent / "summary.json").read_text())["seconds"] >= seconds
 
 
-def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path):
+def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path, capsys):
     args = overrides(images, tmp_path)  # the first run's settings: the same shards
     selection = ["--dataset", "imagefolder", "--method", "maskcut"]
     status = run_pipeline("pseudolabels", selection + args, {EXIT_AFTER_SHARDS: "2"})
@@ -98,8 +98,10 @@ def test_killed_run_resumes_and_ends_identical(images, first_run, tmp_path):
     assert not list(run_dir.rglob(".*tmp"))  # no half-written file survives the kill
     mtimes = [p.stat().st_mtime_ns for p in shards]
 
+    capsys.readouterr()
     path = run(load_config("imagefolder", "maskcut", args))
     assert [p.stat().st_mtime_ns for p in shards] == mtimes  # finished shards were not recomputed
+    assert "maskcut: resuming: 2 of 4 shards already done, 2 to compute" in capsys.readouterr().err
     _, reference = first_run
     assert path.read_bytes() == reference.read_bytes()
 
