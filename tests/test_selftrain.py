@@ -514,3 +514,20 @@ def test_a_round_is_reproducible_from_the_config_seed(trained, tmp_path):
     again, other = train_again(0), train_again(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed is what decides
+
+
+def test_detectron2s_tracing_check_prints_no_torch_notice(caplog):
+    """torch logs a deprecation notice the first time detectron2's ROI pooler asks whether it is traced
+    (every load_detector process, every Ray actor); users can do nothing about it, so it is dropped."""
+    import logging
+
+    from detectron2.utils.tracing import is_fx_tracing
+    from torch.fx import _symbolic_trace
+
+    import stages  # noqa: F401  (installs the filter)
+
+    _symbolic_trace.is_fx_tracing_warning.cache_clear()  # torch prints it once per process
+    with caplog.at_level(logging.WARNING):
+        assert not is_fx_tracing()
+        logging.getLogger("torch.fx._symbolic_trace").warning("another notice")
+    assert [r.getMessage() for r in caplog.records] == ["another notice"]

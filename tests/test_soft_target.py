@@ -224,6 +224,29 @@ def test_the_mapper_checks_scores_only_with_the_option_on(tmp_path):
         ImageMapper(_d2_cfg(soft=True, opts=R50_SMALL), is_train=True)(first)
 
 
+def test_the_mapper_hands_detectron2_masks_it_may_write(tmp_path, monkeypatch):
+    """detectron2's resize returns masks as read-only views of a PIL image; torch warns on turning those
+    into tensors. The mapper copies them first."""
+    from detectron2.data import DatasetCatalog, detection_utils
+
+    train.register_labels("writable-masks", _write_labels(tmp_path), str(tmp_path))
+    seen = []
+    to_instances = detection_utils.annotations_to_instances
+
+    def spy(annos, *args, **kwargs):
+        seen.extend(anno["segmentation"] for anno in annos)
+        return to_instances(annos, *args, **kwargs)
+
+    monkeypatch.setattr(detection_utils, "annotations_to_instances", spy)
+    # 96x128 images resized to a 48-pixel short side: detectron2's ResizeTransform runs on every mask.
+    small = ["INPUT.MIN_SIZE_TRAIN", [48], "INPUT.MAX_SIZE_TRAIN", 64]
+    mapper = ImageMapper(_d2_cfg(opts=small), is_train=True)
+    for record in DatasetCatalog.get("writable-masks"):
+        assert tuple(mapper(record)["image"].shape[1:]) == (48, 64)
+    assert len(seen) == 5
+    assert all(isinstance(m, np.ndarray) and m.shape == (48, 64) and m.flags.writeable for m in seen)
+
+
 def _rect(h, w, y0, y1, x0, x1):
     mask = np.zeros((h, w), dtype=bool)
     mask[y0:y1, x0:x1] = True

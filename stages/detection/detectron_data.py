@@ -67,6 +67,12 @@ class ImageMapper(DatasetMapper):
             for obj in dataset_dict.pop("annotations")
             if obj.get("iscrowd", 0) == 0
         ]
+        for anno in annos:
+            # detectron2's resize returns masks as read-only views of a PIL image, which torch warns about
+            # (and could not write to): give it its own copy.
+            segm = anno.get("segmentation")
+            if isinstance(segm, np.ndarray) and not segm.flags.writeable:
+                anno["segmentation"] = segm.copy()
         instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.instance_mask_format)
         instances.set(GT_SCORES, annotation_scores(annos, check=self.check_scores))
         if self.recompute_boxes:
