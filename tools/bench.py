@@ -16,6 +16,8 @@ Sections (``python -m tools.bench [section ...]``; all by default):
   endtoend   every registered image method end to end per image on the demo photos with its default
              backbone and refinement vs the backbone pass alone, its parts, refinement in another process;
              Ray 2 workers vs 1 (tools/bench_endtoend.py)
+  gpu        MaskCut end to end on a GPU (DINOv2-S/14 and ViT-B/8 shapes, torch vs reference refinement):
+             images/s and the GPU's busy fraction (tools/bench_gpu.py); skipped without CUDA
   vitdet     R50 (random init) vs ViTDet (DINOv2 init) trained on MaskCut's labels of real photos for the
              same CPU time, then self-trained: AP50 and CorLoc (tools/bench_vitdet.py; about 2 hours)
 Each section runs in a fresh process, so its peak memory (RSS; GPU memory on a GPU) is its own.
@@ -455,6 +457,12 @@ def endtoend() -> list[str]:
     return main()
 
 
+def gpu() -> list[str]:
+    from tools.bench_gpu import lines
+
+    return lines()
+
+
 def vitdet() -> list[str]:
     from tools.bench_vitdet import section
 
@@ -472,6 +480,7 @@ SECTIONS = {
     "refine": refine,
     "methods": methods,
     "endtoend": endtoend,
+    "gpu": gpu,
     "vitdet": vitdet,
 }
 
