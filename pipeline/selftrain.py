@@ -26,6 +26,7 @@ from stages import detect as det
 from stages.common.export import coco_file, write_coco
 from stages.common.io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from stages.common.paths import resolve as resolve_path
+from stages.common.state_dicts import UnreadableCheckpoint
 from stages.data.datasets import ground_truth_coco, list_images
 from stages.detection import train
 from stages.detection.relabel import merge_labels
@@ -170,8 +171,12 @@ def initial_weights(cfg: Config, round_dir: Path) -> str:
         raise RunError(f"config key 'train.init': no such file '{source}'")
     target = round_dir / "init_resnet50_d2.pth"
     if not target.exists():
+        try:
+            weights = train.convert_resnet50(source)
+        except UnreadableCheckpoint as e:
+            raise RunError(f"config key 'train.init': {e}") from e
         buf = io.BytesIO()
-        torch.save({"model": train.convert_resnet50(source), "matching_heuristics": False}, buf)
+        torch.save({"model": weights, "matching_heuristics": False}, buf)
         atomic_write_bytes(target, buf.getvalue())
     return str(target)
 

@@ -19,7 +19,6 @@ fixed chunks of ``backbone.batch_size`` images, so that a recomputed feature is 
 from __future__ import annotations
 
 import io
-import pickle
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from pipeline.runs import (
 )
 from stages.common.io import BadImage, atomic_write_bytes, load_rgb
 from stages.common.paths import resolve
+from stages.common.state_dicts import UnreadableCheckpoint, read_torch_file
 from stages.data.base import ImageRecord
 from stages.data.datasets import list_images
 from stages.discovery.base import PatchFeatures, treated_keys
@@ -101,9 +101,11 @@ def check_head_fits(path: Path, arch: str) -> None:
         f"config key 'method.head': '{path}' is not a FOUND head checkpoint (make train-found writes one)"
     )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as e:  # not a torch file, or cut short
-        raise RunError(f"{not_a_head}: {e!r}") from e
+        state = read_torch_file(path)
+    except UnreadableCheckpoint as e:
+        raise RunError(
+            f"config key 'method.head': {e}: not a FOUND head (make train-found writes one)"
+        ) from e
     channels = state.get("channels") if isinstance(state, dict) else None
     if not isinstance(channels, int):
         raise RunError(f"{not_a_head}: no 'channels' entry")

@@ -59,7 +59,14 @@ def test_dinov2_mask_token_is_ignored(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"this is not a checkpoint", "cannot read weights file"),
+        (
+            b"this is not a checkpoint",
+            r"^weights file: cannot read '.*wrong.pth' as a torch checkpoint \(\w+Error: [^\n]*\)$",
+        ),
+        (
+            b"a note\n",
+            r"^weights file: cannot read '.*wrong.pth' as a torch checkpoint \(\w+Error: [^\n]*\)$",
+        ),
         ({"blocks.0.norm1.weight": torch.zeros(48)}, "does not fit this backbone: missing keys"),
     ],
 )

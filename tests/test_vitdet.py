@@ -308,6 +308,17 @@ def test_auto_picks_vitdet_when_dinov2_weights_are_found_and_no_resnet_is_given(
         load_config("demo", "maskcut", ["train.model=mask_rcnn_vitdet_s14", "train.init=/w/r50.pth"])
 
 
+def test_a_resnet_init_that_is_not_a_checkpoint_is_one_error_naming_train_init(tmp_path):
+    notes = tmp_path / "r50.pth"
+    notes.write_bytes(b"a note\n")
+    cfg = load_config("demo", "maskcut", [f"train.init={notes}", "train.model=cascade_mask_rcnn_R_50_FPN"])
+    with pytest.raises(
+        RunError, match=r"^config key 'train.init': cannot read '.*r50.pth' as a torch checkpoint"
+    ):
+        selftrain.initial_weights(cfg, tmp_path)
+    assert not (tmp_path / "init_resnet50_d2.pth").exists()
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_selftraining_a_vitdet_detector_end_to_end(tmp_path, monkeypatch, capsys):
     """Two rounds through the pipeline: the DINOv2 file found (here PIPELINE_WEIGHTS) is converted into

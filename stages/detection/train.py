@@ -19,6 +19,7 @@ import torch
 from stages.common.io import read_json
 from stages.common.paths import DETECTRON_CONFIGS
 from stages.common.schema import fail, positive, section
+from stages.common.state_dicts import read_torch_file
 
 
 class TrainingError(RuntimeError):
@@ -193,7 +194,7 @@ def _d2_name(key: str) -> str | None:
 def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
     """A DINO ResNet-50 checkpoint (torchvision names, optionally under 'state_dict'/'module.') as detectron2
     backbone weights (``backbone.bottom_up.*``)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path)
     state = state.get("state_dict", state)
     out = {}
     for key, value in state.items():

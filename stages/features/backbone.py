@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from stages.common.schema import fail, positive, section
-from stages.common.state_dicts import key_mismatch
+from stages.common.state_dicts import UnreadableCheckpoint, key_mismatch, read_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -144,15 +144,18 @@ def missing_weights_message(arch: str) -> str:
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint file as a flat state dict: DINO .pth (plain, or a training checkpoint's teacher) or
     timm safetensors."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/safetensors raise many types for a wrong file; all mean the same here
-        raise WeightsError(f"cannot read weights file '{path}': {type(e).__name__}: {e}") from e
+        except Exception as e:  # safetensors raises several types for a wrong file; all mean the same here
+            raise WeightsError(f"cannot read weights file '{path}': {type(e).__name__}: {e}") from e
+    else:
+        try:
+            data = read_torch_file(path)
+        except UnreadableCheckpoint as e:
+            raise WeightsError(f"weights file: {e}") from e
     if not isinstance(data, dict):
         raise WeightsError(f"weights file '{path}' holds a {type(data).__name__}, not a state dict")
     for wrapper in ("teacher", "state_dict", "model"):  # DINO training checkpoints and common wrappers

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.common.state_dicts import read_torch_file
+
 DIS_PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
     "fast": cv2.DISOPTICAL_FLOW_PRESET_FAST,
@@ -162,7 +164,7 @@ class RaftFlow:
                 f"{'small' if small else 'large'} checkpoint; weights are never downloaded)"
             )
         model = (raft_small if small else raft_large)(weights=None, progress=False)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_file(path)  # UnreadableCheckpoint (a ValueError) for another kind of file
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
