@@ -88,8 +88,8 @@ class Config:
         if self.modality == "video" and kind.modality != "video":
             fail(
                 "method.name",
-                f"{self.method.name} discovers objects in videos; dataset '{self.dataset.name}' is a "
-                f"{self.dataset.kind} of images (video kinds: {', '.join(video_kinds())})",
+                f"{self.method.name} discovers objects in videos; dataset '{self.dataset.name}' holds "
+                f"images (video datasets: {', '.join(video_datasets())})",
             )
 
     @property
@@ -128,23 +128,47 @@ _MESSAGES = {
 _UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")
 
 
+def _children(node: Any) -> dict[str, Any]:
+    """The keys under a config type and their types: a section's fields, or the fixed keys of a mapping
+    such as ``dict[Family, GraphConfig]``; {} for a value."""
+    if dataclasses.is_dataclass(node):
+        return typing.get_type_hints(node)
+    if typing.get_origin(node) is dict:
+        key, value = typing.get_args(node)
+        if typing.get_origin(key) is typing.Literal:
+            return {str(k): value for k in typing.get_args(key)}
+    return {}
+
+
 def _fields_at(section_class: type, path: list[str]) -> list[str]:
     """The key names of the section at ``path`` (names below ``section_class``), [] if it is not one."""
     node: Any = section_class
     for name in path:
-        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
-        if name not in hints:
+        node = _children(node).get(name)
+        if node is None:
             return []
-        node = hints[name]
-    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+    return list(_children(node))
+
+
+def _paths_below(section_class: type, path: list[str]) -> list[list[str]]:
+    """Every key path below the section at ``path`` (nested sections' keys too), shortest first."""
+    below = [[name] for name in _fields_at(section_class, path)]
+    for name in list(below):
+        below += [[*name, *rest] for rest in _paths_below(section_class, [*path, *name])]
+    return below
 
 
 def _unknown_key(section_class: type, parts: list[str], dotted: list[str]) -> str:
-    """'unknown key', with the closest known name at that level when one is close (``parts``: the path
-    below ``section_class``; ``dotted``: the full key, as the error names it)."""
+    """'unknown key', with the closest known name at that level when one is close, else a key of that name
+    in a section below (``method.keys`` -> ``method.graph.dino.keys``) (``parts``: the path below
+    ``section_class``; ``dotted``: the full key, as the error names it)."""
     known = _fields_at(section_class, parts[:-1])
-    close = difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)
-    return f"unknown key (did you mean '{'.'.join([*dotted[:-1], close[0]])}'?)" if close else "unknown key"
+    close = [[c] for c in difflib.get_close_matches(parts[-1], known, n=1, cutoff=0.6)]
+    deeper = [p for p in _paths_below(section_class, parts[:-1]) if len(p) > 1 and p[-1] == parts[-1]]
+    guesses = [".".join([*dotted[:-1], *p]) for p in (close or deeper)[:2]]
+    return (
+        f"unknown key (did you mean {' or '.join(repr(g) for g in guesses)}?)" if guesses else "unknown key"
+    )
 
 
 @functools.cache
@@ -232,6 +256,14 @@ def available(kind: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml"))
 
 
+def video_datasets() -> list[str]:
+    """The DATASET= names (configs/datasets/) whose kind holds videos."""
+    kinds = set(video_kinds())
+    return [
+        name for name in available("datasets") if _named_yaml("datasets", name)["dataset"]["kind"] in kinds
+    ]
+
+
 def _named_yaml(kind: str, name: str) -> dict[str, Any]:
     path = CONFIG_DIR / kind / f"{name}.yaml"
     if not path.exists():
@@ -259,6 +291,8 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     takes today's default (defaults.yaml, then the method's file). ConfigError when the directory holds no
     config."""
     path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"no such run directory: {run_dir}")
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
     saved = _read_yaml(path)

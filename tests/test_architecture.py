@@ -165,6 +165,8 @@ def test_evaluation_takes_the_run_directory(first_run, capsys):
     assert (result["method"], result["hits"], result["images"]) == ("planted_box", N_IMAGES, N_IMAGES)
     assert main(["eval-corloc", "--run", str(run_dir.parent)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+    assert main(["eval-corloc", "--run", str(run_dir.parent / "typo")]) == 2
+    assert capsys.readouterr().err == f"error: no such run directory: {run_dir.parent / 'typo'}\n"
 
 
 def test_the_summary_counts_images_with_masks_apart(first_run, configs, dataset, tmp_path, capsys):

@@ -82,6 +82,16 @@ def test_bad_key_treatments_fail_naming_the_key(method, override, key):
         ("refine.crf.iter=3", "config key 'refine.crf.iter': unknown key (did you mean 'refine.crf.iters'?)"),
         ("run.shard_sise=3", "config key 'run.shard_sise': unknown key (did you mean 'run.shard_size'?)"),
         ("run.zzz=3", "config key 'run.zzz': unknown key"),  # nothing close: no guess
+        # no close name at that level: the keys of that name in the sections below it
+        (
+            "method.keys.dinov2=raw",
+            "config key 'method.keys': unknown key (did you mean 'method.graph.dino.keys' or "
+            "'method.graph.dinov2.keys'?)",
+        ),
+        (
+            "method.graph.dinov2.key=raw",
+            "config key 'method.graph.dinov2.key': unknown key (did you mean 'method.graph.dinov2.keys'?)",
+        ),
     ],
 )
 def test_an_unknown_key_is_named_with_the_closest_known_one(override, message):
@@ -124,3 +134,23 @@ def test_digest_ignores_execution_settings_only():
     assert digest(base) == digest(same) != digest(other)  # training settings don't touch pseudo-labels
     assert digest(base, "selftrain") != digest(same, "selftrain")
     assert digest(base, "selftrain") == digest(load_config(overrides=["train.rounds=5"]), "selftrain")
+
+
+def test_a_video_method_on_images_names_the_video_datasets_to_use_instead():
+    with pytest.raises(ConfigError) as error:
+        load_config("imagefolder", "ba", ["dataset.root=/tmp/mine"])
+    assert str(error.value).startswith(
+        "config key 'method.name': ba discovers objects in videos; dataset 'imagefolder' holds images "
+        "(video datasets: davis17, davis2016, demo-video, "
+    )
+    assert "videofolder" in str(error.value) and "framefolders" not in str(error.value)  # names, not kinds
+
+
+def test_a_missing_root_says_how_to_get_it():
+    from stages.data.base import missing_root_hint
+
+    assert missing_root_hint("data/demo/images") == " (run `make demo-data`)"
+    assert missing_root_hint("data/demo-video") == " (run `make demo-data`)"
+    assert missing_root_hint("data/photos/images") == " (run `make photos-data`)"
+    for given in ("/tmp/mine", "data/DAVIS", "demo/images"):  # DATA= or a set users bring: the path is theirs
+        assert missing_root_hint(given) == " (give its path: DATA=/path or dataset.root=...)"

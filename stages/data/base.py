@@ -86,5 +86,18 @@ def dataset_kind(cfg: DatasetConfig) -> DatasetKind:
     return load_kinds().get(cfg.kind)()
 
 
+# The data folders this project assembles itself, by the make target that builds each.
+_ASSEMBLED = {"demo": "make demo-data", "demo-video": "make demo-data", "photos": "make photos-data"}
+
+
+def missing_root_hint(root: str) -> str:
+    """What to do about a dataset root that does not exist: the make target when it is the place where
+    this project assembles one of its own sets (data/demo/...), else to give the path."""
+    parts = root.replace("\\", "/").split("/")
+    if len(parts) >= 2 and parts[0] == "data" and parts[1] in _ASSEMBLED:
+        return f" (run `{_ASSEMBLED[parts[1]]}`)"
+    return " (give its path: DATA=/path or dataset.root=...)"
+
+
 def video_kinds() -> list[str]:
     return [name for name, kind in load_kinds() if kind.modality == "video"]

@@ -26,7 +26,15 @@ from stages.data.annotations import (
     read_json_file,
     voc_objects,
 )
-from stages.data.base import DATASET_KINDS, DatasetConfig, DatasetKind, ImageRecord, Listing, dataset_kind
+from stages.data.base import (
+    DATASET_KINDS,
+    DatasetConfig,
+    DatasetKind,
+    ImageRecord,
+    Listing,
+    dataset_kind,
+    missing_root_hint,
+)
 
 
 def _existing(path: str, what: str, hint: str = "") -> Path:
@@ -48,8 +56,7 @@ def image_listing(cfg: DatasetConfig) -> Listing:
 
 
 def _image_root(cfg: DatasetConfig) -> Path:
-    hint = " (run `make demo-data`)" if cfg.name == "demo" else " (set DATA=/path or dataset.root=...)"
-    return _existing(cfg.root, f"image root of dataset '{cfg.name}'", hint)
+    return _existing(cfg.root, f"image root of dataset '{cfg.name}'", missing_root_hint(cfg.root))
 
 
 def _coco_listing(root: Path, images: list[dict]) -> Listing:

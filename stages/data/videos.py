@@ -26,7 +26,15 @@ from stages.data.annotations import (
     read_json_file,
     segmentation_problem,
 )
-from stages.data.base import DATASET_KINDS, DatasetConfig, DatasetKind, ImageRecord, Listing, dataset_kind
+from stages.data.base import (
+    DATASET_KINDS,
+    DatasetConfig,
+    DatasetKind,
+    ImageRecord,
+    Listing,
+    dataset_kind,
+    missing_root_hint,
+)
 
 DAVIS_RES = "480p"  # the DAVIS layout's resolution folder
 DAVIS_VOID = 255  # DAVIS's label of pixels that count nowhere (object borders, unclear regions)
@@ -119,8 +127,9 @@ def list_videos(cfg: DatasetConfig) -> list[VideoRecord]:
     """Every video of a video dataset, in a stable order."""
     root = resolve(cfg.root)
     if not root.is_dir():
-        hint = " (run `make demo-data`)" if cfg.name.startswith("demo") else " (set DATA=/path)"
-        raise DatasetError(f"video root of dataset '{cfg.name}' not found: {root}{hint}")
+        raise DatasetError(
+            f"video root of dataset '{cfg.name}' not found: {root}{missing_root_hint(cfg.root)}"
+        )
     return _video_kind(cfg).videos(cfg, root)
 
 
