@@ -149,13 +149,30 @@ class RunDir:
             save_config(cfg, self.path / "config.yaml")
         manifest = self.path / "images.json"
         listing = [[r.id, r.file_name] for r in records]
-        if manifest.exists() and read_json(manifest) != listing:
+        if manifest.exists() and (saved := read_json(manifest)) != listing:
             raise RunError(
-                f"the dataset's image list changed since {self.path} was started; its finished shards would "
-                "not match. Move that directory away to start over."
+                f"the dataset's image list changed since {self.path} was started "
+                f"({_list_change(saved, listing)}); its shards are cut from that list, so they would not "
+                "match. Move that directory away to label the images anew, or keep it and write this run "
+                "elsewhere with run.out_dir=..."
             )
         if not manifest.exists():
             atomic_write_json(manifest, listing)
+
+
+def _list_change(saved: list, listing: list) -> str:
+    """What changed between two image lists ([id, file name] pairs): '2 images added (a.jpg, b.jpg), 1 image
+    gone (c.jpg)'; when the names are the same, that their ids or order changed."""
+    before, now = {name for _, name in saved}, {name for _, name in listing}
+    parts = []
+    for count, names, what in (
+        (len(now - before), now - before, "added"),
+        (len(before - now), before - now, "gone"),
+    ):
+        if count:
+            shown = ", ".join(sorted(names)[:3]) + (", ..." if count > 3 else "")
+            parts.append(f"{count} image{'s' if count > 1 else ''} {what} ({shown})")
+    return ", ".join(parts) or "the same files under other ids or in another order"
 
 
 def trained_steps(checkpoint: Path) -> int:
