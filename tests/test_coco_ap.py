@@ -181,6 +181,11 @@ def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monk
     assert head == f"AP on {len(scored)} of the dataset's 3 images (dataset.evaluate_on={evaluate_on})"
 
 
-def test_the_photos_set_is_scored_on_its_annotated_images():
+def test_the_packaged_sets_labelled_in_part_are_scored_on_their_annotated_images():
+    demo = load_config("demo", "maskcut").dataset
+    gt = json.loads(Path(demo.annotations).read_text())
+    annotated = {a["image_id"] for a in gt["annotations"]}
+    assert 0 < len(annotated) < len(gt["images"])  # some photos labelled: the others are not empty
+    assert demo.evaluate_on == "annotated"
     assert load_config("photos", "maskcut").dataset.evaluate_on == "annotated"
     assert load_config("coco", "maskcut").dataset.evaluate_on == "all"  # COCO's rule stays the default
