@@ -193,7 +193,7 @@ def _d2_name(key: str) -> str | None:
 
 def convert_resnet50(path: Path) -> dict[str, torch.Tensor]:
     """A DINO ResNet-50 checkpoint (torchvision names, optionally under 'state_dict'/'module.') as detectron2
-    backbone weights (``backbone.bottom_up.*``)."""
+    backbone weights (``backbone.bottom_up.*``). UnreadableCheckpoint when ``path`` is not a torch file."""
     state = read_torch_file(path)
     state = state.get("state_dict", state)
     out = {}
