@@ -159,7 +159,8 @@ def _worker_exit_for_test(index: int) -> None:
 
 
 def ensure_ray(address: str | None, object_store_mb: int) -> None:
-    """Connect to the configured cluster (or RAY_ADDRESS), else start a local one; reuse a running one."""
+    """Connect to the configured cluster (or RAY_ADDRESS), else start a local one of our own; reuse the one
+    this process already started."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local single-user use: no token prompt/warning
@@ -167,7 +168,10 @@ def ensure_ray(address: str | None, object_store_mb: int) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # address="local": our own instance even when another Ray runs on this machine (`ray start`, another
+        # user's or project's), which ray.init() would otherwise attach to through /tmp/ray.
         ray.init(
+            address="local",
             object_store_memory=object_store_mb * 2**20,
             include_dashboard=False,
             logging_level=logging.WARNING,

@@ -198,3 +198,22 @@ def test_refinement_in_processes_writes_identical_labels(images, first_run, tmp_
     assert path.read_bytes() == reference.read_bytes()
     overlays = [sorted((p.parent / "overlays").glob("*.png")) for p in (path, reference)]
     assert [p.read_bytes() for p in overlays[0]] == [p.read_bytes() for p in overlays[1]]
+
+
+def test_a_run_starts_its_own_ray_unless_given_a_cluster(monkeypatch):
+    """Another Ray on the machine (`ray start`, another project's) is not joined by accident: ray.init()
+    without an address would attach to it and then refuse our object store setting."""
+    import ray
+
+    from pipeline import driver
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    driver.ensure_ray(None, 100)
+    driver.ensure_ray("10.0.0.5:6379", 100)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")
+    driver.ensure_ray(None, 100)
+    assert [c["address"] for c in calls] == ["local", "10.0.0.5:6379", "10.0.0.6:6379"]
+    assert calls[0]["object_store_memory"] == 100 * 2**20
