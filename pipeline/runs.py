@@ -18,6 +18,7 @@ from stages.features.backbone import (
     Backbone,
     BackboneConfig,
     WeightsError,
+    check_weights,
     find_weights,
     missing_weights_message,
 )
@@ -112,6 +113,8 @@ def resolve_backbone(cfg: Config) -> Config:
     for candidate in candidates:
         path = find_weights(candidate, weights)
         if path is not None:
+            if weights:  # a file the user named: check it here, not in every worker after Ray has started
+                check_weights(candidate, path)
             if candidate != candidates[0]:
                 print(
                     f"note: no weights for the reference backbone '{candidates[0]}' of {cfg.method.name} "

@@ -67,7 +67,7 @@ def test_dinov2_mask_token_is_ignored(tmp_path):
             b"a note\n",
             r"^weights file: cannot read '.*wrong.pth' as a torch checkpoint \(\w+Error: [^\n]*\)$",
         ),
-        ({"blocks.0.norm1.weight": torch.zeros(48)}, "does not fit this backbone: missing keys"),
+        ({"blocks.0.norm1.weight": torch.zeros(48)}, f"does not fit backbone {ARCH}: missing keys"),
     ],
 )
 def test_wrong_files_are_rejected_clearly(tmp_path, content, message):
@@ -185,3 +185,22 @@ def test_each_arch_states_the_width_of_its_keys(arch):
     with torch.device("meta"):  # no memory for the weights: only their shapes are read
         model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
     assert model.blocks[-1].attn.qkv.weight.shape[1] == model.embed_dim == spec.channels
+
+
+def test_a_named_weights_file_is_checked_before_any_work_and_its_architecture_suggested(tmp_path):
+    """backbone.weights is checked when the config is resolved (one line, before Ray starts workers); a file
+    of another architecture names the one it fits."""
+    from pipeline.config import load_config
+    from pipeline.runs import resolve_backbone
+
+    tiny = tmp_path / "tiny.pth"
+    torch.save(Backbone(ARCH, None, "cpu", random_init=True).model.state_dict(), tiny)
+    cfg = load_config("demo", "maskcut", ["backbone.arch=dino_vits16", f"backbone.weights={tiny}"])
+    with pytest.raises(WeightsError, match=rf"does not fit backbone dino_vits16: .*; it fits {ARCH}: set"):
+        resolve_backbone(cfg)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"a note\n")
+    with pytest.raises(WeightsError, match="cannot read .*notes.txt' as a torch checkpoint"):
+        resolve_backbone(load_config("demo", "maskcut", [f"backbone.weights={notes}"]))
+    fits = load_config("demo", "maskcut", [f"backbone.arch={ARCH}", f"backbone.weights={tiny}"])
+    assert resolve_backbone(fits).backbone.weights == str(tiny)

@@ -188,19 +188,40 @@ def to_timm_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    state = to_timm_keys(read_checkpoint(path))
-    expected = model.state_dict()
+def _skeleton(arch: str) -> torch.nn.Module:
+    spec = ARCHS[arch]
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
+
+
+def _misfit(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """'' when ``state`` has exactly ``expected``'s keys and shapes, else what differs."""
     mismatch = key_mismatch(expected, state)
     if mismatch:
-        raise WeightsError(f"weights file '{path}' does not fit this backbone: {mismatch}")
+        return mismatch
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise WeightsError(
-                f"weights file '{path}': '{key}' has shape {tuple(value.shape)}, "
-                f"expected {tuple(expected[key].shape)} (a checkpoint of another architecture?)"
-            )
+            return f"'{key}' has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+    return ""
+
+
+def load_weights(model: torch.nn.Module, path: Path, arch: str | None = None) -> None:
+    """Load ``path`` into ``model`` (strict). WeightsError when the file does not fit; with ``arch`` given,
+    the message names the architectures (ARCHS) the file does fit, if any."""
+    state = to_timm_keys(read_checkpoint(path))
+    misfit = _misfit(model.state_dict(), state)
+    if misfit:
+        fits = (
+            [a for a in ARCHS if a != arch and not _misfit(_skeleton(a).state_dict(), state)] if arch else []
+        )
+        hint = f"; it fits {' and '.join(fits)}: set backbone.arch (BACKBONE=) to that" if fits else ""
+        which = f"backbone {arch}" if arch else "this backbone"
+        raise WeightsError(f"weights file '{path}' does not fit {which}: {misfit}{hint}")
     model.load_state_dict(state, strict=True)
+
+
+def check_weights(arch: str, path: Path) -> None:
+    """Fail early, before any worker starts: WeightsError unless ``path`` loads into backbone ``arch``."""
+    load_weights(_skeleton(arch), path, arch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,9 +285,9 @@ class Backbone:
         if weights is None and not random_init:
             raise WeightsError(missing_weights_message(arch))
         torch.manual_seed(seed)  # random_init must give the same weights in every worker
-        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **spec.timm_kwargs)
+        model = _skeleton(arch)
         if weights is not None:
-            load_weights(model, weights)
+            load_weights(model, weights, arch)
         self.arch = arch
         self.patch = spec.patch
         self.family = spec.family
