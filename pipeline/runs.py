@@ -157,7 +157,7 @@ class RunDir:
                 f"the dataset's image list changed since {self.path} was started "
                 f"({_list_change(saved, listing)}); its shards are cut from that list, so they would not "
                 "match. Move that directory away to label the images anew, or keep it and write this run "
-                "elsewhere with run.out_dir=..."
+                "under another folder with run.out_dir=... (default runs)"
             )
         if not manifest.exists():
             atomic_write_json(manifest, listing)

@@ -174,7 +174,7 @@ def initial_weights(cfg: Config, round_dir: Path) -> str:
         try:
             weights = train.convert_resnet50(source)
         except UnreadableCheckpoint as e:
-            raise RunError(f"config key 'train.init': {e}") from e
+            raise RunError(f"config key 'train.init': {e}; it takes a DINO ResNet-50 checkpoint") from e
         buf = io.BytesIO()
         torch.save({"model": weights, "matching_heuristics": False}, buf)
         atomic_write_bytes(target, buf.getvalue())
@@ -281,4 +281,6 @@ def _summary_line(s: dict) -> str:
         if "segm" in ap:
             line += f", mask AP {100 * ap['segm']['AP']:.1f}"
         line += f"; CorLoc {100 * s['corloc']['corloc']:.1f}%"
+        if "images_scored" in s:
+            line += f" (AP on {s['images_scored']} of the {s['images']} images)"
     return line

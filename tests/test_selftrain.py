@@ -531,3 +531,18 @@ def test_detectron2s_tracing_check_prints_no_torch_notice(caplog):
         assert not is_fx_tracing()
         logging.getLogger("torch.fx._symbolic_trace").warning("another notice")
     assert [r.getMessage() for r in caplog.records] == ["another notice"]
+
+
+def test_a_rounds_summary_line_says_which_images_ap_scored():
+    summary = {
+        "round": 0,
+        "labels_in": 12,
+        "ap": {"bbox": {"AP": 0.047, "AP50": 0.172}, "segm": {"AP": 0.024}},
+        "corloc": {"corloc": 0.4},
+        "images_scored": 5,
+        "images": 11,
+    }
+    assert selftrain._summary_line(summary) == (
+        "round 0: trained on 12 labels; box AP 4.7 AP50 17.2, mask AP 2.4; CorLoc 40.0% "
+        "(AP on 5 of the 11 images)"
+    )

@@ -281,7 +281,15 @@ class ConsoleDigest(logging.Filter):
         if message.startswith(self.LISTS):
             # Mutates the record: the file handler, added before this one, has written it whole already.
             head, *groups = message.splitlines()
-            record.msg, record.args = f"{head.rstrip(':')}: {len(groups)} groups (listed in log.txt)", None
+            note = ""
+            if message.startswith(self.LISTS[0]):
+                note = (
+                    "; expected when a round starts from backbone weights: the rest is trained from scratch"
+                )
+            record.msg, record.args = (
+                f"{head.rstrip(':')}: {len(groups)} groups (listed in log.txt{note})",
+                None,
+            )
         return True
 
 
