@@ -131,6 +131,13 @@ def run(cfg: Config) -> Path:
     records = listing.records
     if not records:
         raise RunError(f"dataset '{cfg.dataset.name}' has no images under {cfg.dataset.root}")
+    # A missing file is that image's failure; none there means the root is wrong (DATA= elsewhere). Stops at
+    # the first file found: one stat on a right root.
+    if not any(Path(r.path).exists() for r in records):
+        raise RunError(
+            f"none of the {len(records)} images of dataset '{cfg.dataset.name}' is under {cfg.dataset.root} "
+            f"(the first: {records[0].file_name}): check DATA= or dataset.root"
+        )
     run_dir = RunDir.for_config(cfg, "pseudolabels")
     run_dir.start(cfg, records)
     stage = image_stage(cfg, run_dir, records)

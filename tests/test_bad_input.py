@@ -402,6 +402,28 @@ def test_duplicate_ids_stop_the_run_before_any_work(tmp_path, capsys):
     assert not out.exists()  # nothing was started
 
 
+def test_a_root_holding_none_of_the_listed_images_stops_before_any_work(tmp_path, capsys):
+    cfg = coco_dataset(tmp_path, [])
+    elsewhere = tmp_path / "elsewhere"  # a real folder, but not the images' (DATA= pointing at the wrong one)
+    elsewhere.mkdir()
+    (elsewhere / "other.png").write_bytes((Path(cfg.root) / "1.png").read_bytes())
+    out = tmp_path / "runs"
+    argv = [
+        "pseudolabels",
+        "--dataset",
+        "coco",
+        f"dataset.root={elsewhere}",
+        f"dataset.annotations={cfg.annotations}",
+    ]
+    assert cli.main([*argv, *tiny(cfg.root, out)[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: none of the 3 images of dataset 'coco' is under {elsewhere} (the first: 1.png): "
+        "check DATA= or dataset.root"
+    )
+    assert not out.exists()  # nothing was started
+
+
 def raising_command(cfg, args):
     record = {"file_name": "a.jpg"}
     return record["iscrowd"]  # a library's KeyError, as pycocotools raised it
