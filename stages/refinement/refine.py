@@ -72,11 +72,6 @@ class Refiner:
 # name -> Refiner. A method's config names one (``method.refine``).
 REFINERS: Registry[Refiner] = Registry("refinement")
 
-# refine.backend=auto on a CPU: the torch version from this many masks per image on (README "Performance",
-# demo photos at MaskCut's 480x480). The torch CRF was faster at every count, in 1 and 2 threads; the torch
-# bilateral solver only from 2 masks in 2 threads (one mask: 71 against 62 ms), so TokenCut keeps scipy.
-CPU_TORCH_FROM = {"crf": 1, "bilateral": 2}
-
 
 def _check_inputs(image: np.ndarray, mask: np.ndarray) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -96,18 +91,21 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (np.argmax(sizes) + 1)
 
 
+# cpu_torch_from (refine.backend=auto on a CPU), measured on demo photos at MaskCut's 480x480 (README
+# "Performance"): the torch CRF was faster at every mask count, in 1 and 2 threads; the torch bilateral
+# solver only from 2 masks in 2 threads (one mask: 71 against 62 ms), so TokenCut keeps scipy.
 REFINERS.register("crf")(
     Refiner(
         reference=lambda image, mask, cfg: crf_refine(image, mask, cfg.crf),
         torch=lambda image, masks, cfg: dense_crf_torch.crf_refine(image, masks, cfg.crf),
-        cpu_torch_from=CPU_TORCH_FROM["crf"],
+        cpu_torch_from=1,
     )
 )
 REFINERS.register("bilateral")(
     Refiner(
         reference=lambda image, mask, cfg: bilateral_refine(image, mask, cfg.bilateral),
         torch=lambda image, masks, cfg: bilateral_solver_torch.bilateral_refine(image, masks, cfg.bilateral),
-        cpu_torch_from=CPU_TORCH_FROM["bilateral"],
+        cpu_torch_from=2,
     )
 )
 REFINERS.register("none")(Refiner(reference=lambda image, mask, cfg: mask))
