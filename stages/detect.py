@@ -14,9 +14,9 @@ import numpy as np
 from stages.common.export import mask_annotation
 from stages.common.io import BadImage, checked_rgb, load_rgb
 from stages.data.datasets import ImageRecord
+from stages.detection.train import FINAL_WEIGHTS as WEIGHTS
 from stages.features.backbone import resolve_device
 
-WEIGHTS = "model_final.pth"
 CONFIG = "config.yaml"
 METADATA = "metadata.json"
 

@@ -492,6 +492,45 @@ def test_an_interrupted_self_training_round_resumes_from_its_own_checkpoint(trai
     assert (round1 / "summary.json").exists()
 
 
+def test_a_rounds_detector_file_keeps_the_weights_without_the_trainer_state(trained):
+    _, last = trained
+    for r in (0, 1):
+        checkpoint = torch.load(last.parent / f"round{r}" / "model_final.pth", weights_only=True)
+        assert set(checkpoint) == {"model", "iteration"} and checkpoint["iteration"] == 2  # of 0..2
+
+
+def test_a_round_stopped_after_training_is_not_trained_again_and_loses_nothing(
+    trained, tmp_path, monkeypatch
+):
+    cfg, last = trained
+    round_dir = tmp_path / "round0"
+    round_dir.mkdir()
+    shutil.copy(last.parent / "round0" / "labels.json", round_dir / "labels.json")
+
+    def killed(path):  # the kill point: training has ended, the file is still detectron2's own
+        raise Interrupted
+
+    monkeypatch.setattr(train, "keep_weights_only", killed)
+    with pytest.raises(Interrupted):
+        selftrain.train_round(cfg, 0, round_dir, "", "stopped-after-training")
+    weights = round_dir / "model_final.pth"
+    full, size = torch.load(weights, weights_only=False), weights.stat().st_size
+    assert "trainer" in full
+    monkeypatch.undo()
+
+    def no_training(d2cfg):
+        raise AssertionError("a round whose training had ended was trained again")
+
+    monkeypatch.setattr(train, "build_trainer", no_training)
+    selftrain.train_round(cfg, 0, round_dir, "", "stopped-after-training")
+    slim = torch.load(weights, weights_only=True)
+    assert set(slim) == {"model", "iteration"} and slim["iteration"] == full["iteration"]
+    assert slim["model"].keys() == full["model"].keys()
+    assert all(torch.equal(slim["model"][k], full["model"][k]) for k in full["model"])
+    assert weights.stat().st_size < 0.75 * size  # SGD momentum: the trainer state is as large as the model
+    assert not list(round_dir.glob(".model_final.pth.*"))  # no temporary file left
+
+
 def test_a_round_is_reproducible_from_the_config_seed(trained, tmp_path):
     # detectron2's own SEED is -1 (a new seed every run) and copy-paste draws from its own generator: both
     # must come from the config's seed, so that a round trained again gives the same weights.

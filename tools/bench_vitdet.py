@@ -100,7 +100,8 @@ def calibrate(cfg: Config, labels: Path, work: Path) -> float:
     from stages.detection import train
     from stages.features.backbone import resolve_device
 
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a calibration left by a stopped bench would not train again
+    work.mkdir(parents=True)
     d2 = train.detectron_cfg(
         cfg.train, 0, work, selftrain.initial_weights(cfg, work), resolve_device(cfg.backbone.device).type
     )

@@ -8,6 +8,7 @@ whose loader adds copy-paste (stages/detection/copy_paste.py), and datasets regi
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from stages.common.io import read_json
+from stages.common.io import atomic_write_bytes, read_json
 from stages.common.paths import DETECTRON_CONFIGS
 from stages.common.schema import fail, positive, section
 from stages.common.state_dicts import read_torch_file
@@ -330,8 +331,31 @@ def training_log(output_dir: str):
         handler.close()
 
 
+FINAL_WEIGHTS = "model_final.pth"
+
+
+def training_finished(output_dir: str | Path) -> bool:
+    """Whether a round's training has ended: detectron2 points ``last_checkpoint`` at model_final.pth only
+    after writing that file whole, so a file cut short by a kill does not count."""
+    tag = Path(output_dir) / "last_checkpoint"
+    return tag.is_file() and tag.read_text().strip() == FINAL_WEIGHTS
+
+
+def keep_weights_only(path: Path) -> None:
+    """Rewrite a finished round's checkpoint without detectron2's trainer state (optimizer moments and
+    scheduler: half to two thirds of the file, needed only to resume training, which is over), atomically.
+    Keeps ``model`` and ``iteration``; a file already without trainer state is left as it is."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "trainer" not in checkpoint:
+        return
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in checkpoint.items() if k != "trainer"}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def train(cfg) -> Path:
-    """Train (or resume from the last checkpoint in cfg.OUTPUT_DIR); returns model_final.pth.
+    """Train (or resume from the last checkpoint in cfg.OUTPUT_DIR); returns model_final.pth, which keeps
+    the weights only (``keep_weights_only``). A round whose training has ended is not trained again.
 
     With cfg.SEED >= 0 the round is reproducible: torch, numpy and Python are seeded (seed + process rank,
     as detectron2's default_setup does) before the model's initialisation, the data order, the
@@ -339,10 +363,16 @@ def train(cfg) -> Path:
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
 
-    with training_log(cfg.OUTPUT_DIR):
-        if cfg.SEED >= 0:
-            seed_all_rng(cfg.SEED + comm.get_rank())
-        trainer = build_trainer(cfg)
-        trainer.resume_or_load(resume=True)
-        trainer.train()
-    return Path(cfg.OUTPUT_DIR) / "model_final.pth"
+    final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
+    # detectron2 would resume a finished round from its trainer state, which keep_weights_only dropped.
+    if not training_finished(cfg.OUTPUT_DIR):
+        with training_log(cfg.OUTPUT_DIR):
+            if cfg.SEED >= 0:
+                seed_all_rng(cfg.SEED + comm.get_rank())
+            trainer = build_trainer(cfg)
+            trainer.resume_or_load(resume=True)
+            trainer.train()
+        comm.synchronize()  # every rank has finished with the file before it is rewritten
+    if comm.is_main_process():
+        keep_weights_only(final)  # again after a kill between training's end and the rewrite
+    return final
