@@ -292,9 +292,11 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     config."""
     path = Path(run_dir) / "config.yaml"
     if not Path(run_dir).is_dir():
-        raise ConfigError(f"no such run directory: {run_dir}")
+        raise ConfigError(f"no such run directory: {run_dir}{_runs_beside(Path(run_dir))}")
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+        raise ConfigError(
+            f"{run_dir} is not a run directory: it has no config.yaml{_runs_below(Path(run_dir))}"
+        )
     saved = _read_yaml(path)
     data = _read_yaml(CONFIG_DIR / "defaults.yaml")
     method = saved.get("method", {}).get("name") if isinstance(saved.get("method"), dict) else None
@@ -305,6 +307,28 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     for text in overrides:
         data = merge(data, parse_override(text))
     return build(data)
+
+
+def _run_names(folder: Path) -> list[str]:
+    return (
+        sorted(p.name for p in folder.iterdir() if (p / "config.yaml").is_file()) if folder.is_dir() else []
+    )
+
+
+def _runs_below(folder: Path, limit: int = 5) -> str:
+    """'; it holds the runs a, b, ...' for a folder of runs (e.g. runs/pseudolabels), else ''."""
+    names = _run_names(folder)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"; it holds the runs {', '.join(names[:limit])}{more}" if names else ""
+
+
+def _runs_beside(missing: Path) -> str:
+    """'; did you mean ...?' (the closest names) or the runs of the missing directory's folder, else ''."""
+    names = _run_names(missing.parent)
+    close = difflib.get_close_matches(missing.name, names, n=3, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(repr(str(missing.parent / n)) for n in close)}?"
+    return _runs_below(missing.parent).replace("; it holds", f"; {missing.parent} holds", 1)
 
 
 def _renamed_graph_keys(saved: dict, today: dict) -> None:

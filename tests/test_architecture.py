@@ -164,9 +164,16 @@ def test_evaluation_takes_the_run_directory(first_run, capsys):
     result = json.loads((run_dir / "corloc.json").read_text())
     assert (result["method"], result["hits"], result["images"]) == ("planted_box", N_IMAGES, N_IMAGES)
     assert main(["eval-corloc", "--run", str(run_dir.parent)]) == 2
-    assert "is not a run directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a run directory" in err and err.endswith(f"; it holds the runs {run_dir.name}\n")
     assert main(["eval-corloc", "--run", str(run_dir.parent / "typo")]) == 2
-    assert capsys.readouterr().err == f"error: no such run directory: {run_dir.parent / 'typo'}\n"
+    holds = f"{run_dir.parent} holds the runs {run_dir.name}"
+    assert capsys.readouterr().err == f"error: no such run directory: {run_dir.parent / 'typo'}; {holds}\n"
+    near = run_dir.with_name(run_dir.name[:-1] + ("0" if run_dir.name[-1] != "0" else "1"))  # a hash mistyped
+    assert main(["eval-corloc", "--run", str(near)]) == 2
+    assert capsys.readouterr().err.endswith(f"; did you mean '{run_dir}'?\n")
+    assert main(["eval-corloc", "--run", str(run_dir.parent / "none" / "typo")]) == 2
+    assert capsys.readouterr().err == f"error: no such run directory: {run_dir.parent / 'none' / 'typo'}\n"
 
 
 def test_the_summary_counts_images_with_masks_apart(first_run, configs, dataset, tmp_path, capsys):
