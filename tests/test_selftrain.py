@@ -1,6 +1,7 @@
 """Self-training end to end on generated data with a tiny schedule; resume; detector loading; bad inputs."""
 
 import json
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -529,6 +530,14 @@ def test_a_round_stopped_after_training_is_not_trained_again_and_loses_nothing(
     assert all(torch.equal(slim["model"][k], full["model"][k]) for k in full["model"])
     assert weights.stat().st_size < 0.75 * size  # SGD momentum: the trainer state is as large as the model
     assert not list(round_dir.glob(".model_final.pth.*"))  # no temporary file left
+
+
+def test_a_short_round_prints_its_progress_every_few_iterations(trained):
+    _, last = trained
+    for r in (0, 1):  # 3 iterations: a line after each, not only after the last (detectron2 prints every 20)
+        log = (last.parent / f"round{r}" / "log.txt").read_text()
+        assert [int(i) for i in re.findall(r"events INFO:\s+(?:eta: \S+\s+)?iter: (\d+)", log)] == [0, 1, 2]
+    assert (train.log_period(30), train.log_period(160_000)) == (3, 20)
 
 
 def test_a_round_is_reproducible_from_the_config_seed(trained, tmp_path):

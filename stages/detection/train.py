@@ -231,8 +231,33 @@ def train_loader(cfg):
     return CopyPasteLoader.from_config(cfg, plain_loader(cfg), rng)
 
 
+def log_period(max_iter: int) -> int:
+    """Iterations between two progress lines (losses, time per iteration, ETA): detectron2's 20, but about
+    ten lines for a short round, where 20 iterations can be minutes on a CPU."""
+    return min(20, max(1, max_iter // 10))
+
+
+def progress_printer(max_iter: int):
+    """detectron2's console line of losses, time and ETA, printed once per iteration: its PeriodicWriter
+    writes again when training ends, and a second line at the same iteration divides by zero in the ETA
+    while the iteration timer has no history (the first iterations), hiding what ended training."""
+    from detectron2.utils.events import CommonMetricPrinter, get_event_storage
+
+    class ProgressPrinter(CommonMetricPrinter):
+        printed_at = None
+
+        def write(self):
+            iteration = get_event_storage().iter
+            if iteration != self.printed_at:
+                super().write()
+                self.printed_at = iteration
+
+    return ProgressPrinter(max_iter)
+
+
 def build_trainer(cfg):
     from detectron2.engine import DefaultTrainer, hooks
+    from detectron2.utils.events import CommonMetricPrinter
 
     class CutLERTrainer(DefaultTrainer):
         """detectron2's trainer on our training loader (``train_loader``)."""
@@ -249,21 +274,30 @@ def build_trainer(cfg):
 
             return build_optimizer(cfg, model)
 
+        def build_writers(self):
+            self.writers = [
+                progress_printer(self.max_iter) if isinstance(w, CommonMetricPrinter) else w
+                for w in super().build_writers()
+            ]
+            return self.writers
+
         def build_hooks(self):
+            return [self._hook(h) for h in super().build_hooks()]
+
+        def _hook(self, h):
             # detectron2's PreciseBN hook (with BatchNorm layers only) reads build_train_loader, which
             # pastes here; CutLER pastes in its training step, so its BatchNorm statistics come from plain
             # training images: give the hook those (``plain_loader``).
-            return [
-                hooks.PreciseBN(
+            if isinstance(h, hooks.PreciseBN):
+                return hooks.PreciseBN(
                     self.cfg.TEST.EVAL_PERIOD,
                     self.model,
                     plain_loader(self.cfg),
                     self.cfg.TEST.PRECISE_BN.NUM_ITER,
                 )
-                if isinstance(h, hooks.PreciseBN)
-                else h
-                for h in super().build_hooks()
-            ]
+            if isinstance(h, hooks.PeriodicWriter):  # the same writers, on the console more often
+                return hooks.PeriodicWriter(self.writers, period=log_period(self.cfg.SOLVER.MAX_ITER))
+            return h
 
     return CutLERTrainer(cfg)
 
