@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -60,9 +62,16 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
     result = corloc(first_boxes(read_json(path)), ground_truth_boxes(cfg.dataset))
     result = {"dataset": cfg.dataset.name, "method": cfg.method.name, "backbone": cfg.backbone.arch, **result}
     atomic_write_json(run_path / "corloc.json", result)
+    absent = result["absent"]
+    note = (
+        f"; {absent} of them not in the run's output (failed: {run_path / 'failures.jsonl'}), counted as "
+        f"{'a miss' if absent == 1 else 'misses'}"
+        if absent
+        else ""
+    )
     print(
         f"CorLoc {cfg.method.name} ({cfg.backbone.arch}) on {cfg.dataset.name}: "
-        f"{100 * result['corloc']:.1f}% ({result['hits']}/{result['images']} images)",
+        f"{100 * result['corloc']:.1f}% ({result['hits']}/{result['images']} images{note})",
         file=sys.stderr,
     )
     return result
@@ -99,13 +108,12 @@ def evaluate_detector(model_dir: Path, cfg: Config, gt: dict | None = None) -> d
 def detector_metrics(model_dir: Path, cfg: Config, gt: dict) -> dict:
     """``evaluate_detector``'s metrics on the images of ``gt`` (all the dataset's, or the annotated ones:
     dataset.evaluate_on), without writing metrics.json: {"ap", "corloc", "images_scored", "images"}. The
-    detector runs on those images only; its predictions are read from (or made into)
-    model_dir/eval/<dataset>/shards, or shards-annotated when ``gt`` leaves images out."""
+    detector runs on those images only; its predictions are read from (or made into) the shards of
+    ``predictions_dir``."""
     scored = {im["id"] for im in gt["images"]}
     records = list_images(cfg.dataset)
     subset = [r for r in records if r.id in scored]
-    shards = "shards" if len(subset) == len(records) else "shards-annotated"
-    preds = predict(Path(model_dir), subset, Path(model_dir) / "eval" / cfg.dataset.name / shards, 100, cfg)
+    preds = predict(Path(model_dir), subset, predictions_dir(Path(model_dir), cfg, subset), 100, cfg)
     metrics = {
         "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
         "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
@@ -118,6 +126,15 @@ def detector_metrics(model_dir: Path, cfg: Config, gt: dict) -> dict:
             f"{boxes_only} of the {len(gt['annotations'])} ground-truth objects are boxes without masks"
         )
     return metrics
+
+
+def predictions_dir(model_dir: Path, cfg: Config, records: list) -> Path:
+    """Where a detector's predictions on ``records`` are kept: model_dir/eval/<dataset>/predictions-<key>,
+    the key a digest of the images (id and file) and the shard size. Shards are found by index, so a
+    ground truth that scores other images, or a changed image list, must not find another set's shards."""
+    listing = json.dumps([cfg.run.shard_size, [[r.id, r.file_name] for r in records]])
+    key = hashlib.sha256(listing.encode()).hexdigest()[:10]
+    return model_dir / "eval" / cfg.dataset.name / f"predictions-{key}"
 
 
 def format_detector_metrics(metrics: dict) -> str:

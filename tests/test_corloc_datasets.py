@@ -18,6 +18,7 @@ def test_corloc_is_the_exact_fraction_of_hits():
         "c": np.array([[0, 0, 10, 10]]),
         "d": np.array([[0, 0, 100, 100]]),
         "e": np.zeros((0, 4)),  # no ground truth: not counted
+        "f": np.array([[0, 0, 10, 10]]),  # not in the predictions at all (an unreadable image): a miss
     }
     pred = {
         "a": np.array([50, 50, 60, 61]),  # IoU 10/11 with the second box: hit
@@ -26,7 +27,7 @@ def test_corloc_is_the_exact_fraction_of_hits():
         "d": None,  # nothing found: miss
         "e": np.array([0, 0, 1, 1]),
     }
-    assert corloc(pred, gt) == {"corloc": 0.5, "hits": 2, "images": 4}
+    assert corloc(pred, gt) == {"corloc": 0.4, "hits": 2, "images": 5, "absent": 1}
 
 
 def voc(tmp_path):

@@ -328,7 +328,8 @@ def test_rounds_are_evaluated_only_where_there_is_ground_truth(images, trained, 
     assert set(metrics["ap"]) >= {"bbox", "segm"}
     assert (last / "eval" / "selftrain-gt" / "metrics.json").is_file()
     # CorLoc recomputed here from the saved predictions: each image's best-scored box against its rectangle.
-    shards = (last / "eval" / "selftrain-gt" / "shards").glob("*.json")
+    (predictions_dir,) = (last / "eval" / "selftrain-gt").glob("predictions-*")
+    shards = predictions_dir.glob("*.json")
     predictions = [a for f in shards for a in json.loads(f.read_text())["annotations"]]
     hits, any_hit = 0, False
     for image_id, box in truth.items():
@@ -336,7 +337,7 @@ def test_rounds_are_evaluated_only_where_there_is_ground_truth(images, trained, 
         xyxy = [[x, y, x + w, y + h] for x, y, w, h in (a["det_bbox"] for a in mine)]
         hits += bool(xyxy) and box_iou(xyxy[0], box) >= 0.5
         any_hit |= any(box_iou(b, box) >= 0.5 for b in xyxy)
-    assert metrics["corloc"] == {"corloc": hits / 6, "hits": hits, "images": 6}
+    assert metrics["corloc"] == {"corloc": hits / 6, "hits": hits, "images": 6, "absent": 0}
     assert (metrics["ap"]["bbox"]["AP50"] > 0) == any_hit  # AP50 is 0 exactly when no box reaches IoU 0.5
 
 
@@ -367,6 +368,39 @@ def test_round_settings_follow_the_reference(model, heads, tmp_path):
         assert c.SOLVER.BASE_LR == (0.01 if r == 0 else 0.005)
         assert c.SOLVER.MAX_ITER == (160000 if r == 0 else 80000)
         assert c.SOLVER.IMS_PER_BATCH == 16
+
+
+def test_a_ground_truth_that_annotates_other_images_gets_its_own_predictions(images, trained, tmp_path):
+    cfg, last = trained
+    gt, _ = planted_ground_truth(images)
+    model = tmp_path / "round"
+    shutil.copytree(last, model, ignore=shutil.ignore_patterns("eval"))
+
+    import dataclasses
+
+    import pipeline.evaluate
+    from stages.data.base import DatasetConfig
+
+    def evaluate(annotated: int) -> dict:
+        part = {**gt, "annotations": gt["annotations"][:annotated]}  # the others: images without annotations
+        path = tmp_path / f"gt{annotated}.json"
+        path.write_text(json.dumps(part))
+        coco = DatasetConfig("part", "coco", str(images), str(path), None, "annotated")
+        return pipeline.evaluate.evaluate_detector(model, dataclasses.replace(cfg, dataset=coco))
+
+    first, second = evaluate(3), evaluate(6)  # a second file annotating three more images
+    assert (first["images_scored"], second["images_scored"]) == (3, 6)
+    assert second["corloc"]["images"] == 6
+    predicted = sorted(
+        {
+            im["id"]
+            for f in (model / "eval" / "part").glob("predictions-*/*.json")
+            for im in json.loads(f.read_text())["images"]
+        }
+    )
+    assert predicted == [1, 2, 3, 4, 5, 6]  # the detector ran on the three new images, not on none of them
+    assert len(list((model / "eval" / "part").glob("predictions-*"))) == 2
+    assert evaluate(3) == first  # and the first set's predictions are still its own
 
 
 def test_score_thresholds_are_0_7_then_0_65():

@@ -20,7 +20,8 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def corloc(predictions: dict[str, np.ndarray | None], ground_truth: dict[str, np.ndarray]) -> dict:
     """predictions: image key -> one [x0, y0, x1, y1] box, or None when the method found nothing.
     ground_truth: image key -> (k, 4) boxes. Images without ground truth are not counted; an image with
-    ground truth but no prediction counts as a miss."""
+    ground truth but no prediction counts as a miss, and ``absent`` counts those missing from
+    ``predictions`` altogether (e.g. an image the run could not read)."""
     hits = 0
     counted = [key for key, boxes in ground_truth.items() if len(boxes)]
     for key in counted:
@@ -28,4 +29,5 @@ def corloc(predictions: dict[str, np.ndarray | None], ground_truth: dict[str, np
         if box is not None and (box_iou(np.asarray(box, float), ground_truth[key]) >= 0.5).any():
             hits += 1
     n = len(counted)
-    return {"corloc": hits / n if n else float("nan"), "hits": hits, "images": n}
+    absent = sum(key not in predictions for key in counted)
+    return {"corloc": hits / n if n else float("nan"), "hits": hits, "images": n, "absent": absent}
