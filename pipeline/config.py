@@ -281,8 +281,22 @@ def load_config(
     if preset:
         data = merge(data, _named_yaml("presets", preset))
     for text in overrides:
-        data = merge(data, parse_override(text))
+        override = parse_override(text)
+        _refuse_renaming(override, {"method": method, "dataset": dataset})
+        data = merge(data, override)
     return build(data)
+
+
+def _refuse_renaming(override: dict, chosen: dict[str, str]) -> None:
+    """``method.name=x`` or ``dataset.name=x`` would keep the other file's keys under a new name: the file
+    is chosen by METHOD= / DATASET= (--method / --dataset)."""
+    for key, name in chosen.items():
+        given = override[key].get("name") if isinstance(override.get(key), dict) else None
+        if given is not None and given != name:
+            raise ConfigError(
+                f"config key '{key}.name': the {key} is chosen by {key.upper()}= (--{key}), "
+                f"not by an override: use {key.upper()}={given}"
+            )
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:

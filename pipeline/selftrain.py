@@ -104,10 +104,16 @@ def check_train_config(cfg: Config) -> None:
     """Build every round's detectron2 config once, so a bad key or value stops the run before any work."""
     device = resolve_device(cfg.backbone.device).type
     for r in range(min(cfg.train.rounds, 2)):  # round 0 and the self-training overlay
-        try:
-            train.detectron_cfg(cfg.train, r, Path("."), "", device)
-        except (KeyError, ValueError, AssertionError) as e:
-            raise RunError(f"config key 'train.opts' or 'train.schedule': detectron2 refuses it: {e}") from e
+        _round_cfg(cfg, r, device)
+
+
+def _round_cfg(cfg: Config, r: int, device: str):
+    """Round r's detectron2 config with no output directory or weights; RunError naming the keys when
+    detectron2 refuses one (yacs raises KeyError, ValueError or AssertionError)."""
+    try:
+        return train.detectron_cfg(cfg.train, r, Path("."), "", device)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise RunError(f"config key 'train.opts' or 'train.schedule': detectron2 refuses it: {e}") from e
 
 
 # train.model=auto: ViTDet on DINOv2 ViT-S/14 when those weights are found and no ResNet-50 is given
@@ -119,7 +125,7 @@ def is_vitdet_model(cfg: Config) -> bool:
     """Whether ``cfg.train.model`` (resolved) builds the ViTDet backbone."""
     from stages.detection.vitdet import is_vitdet
 
-    return is_vitdet(train.detectron_cfg(cfg.train, 0, Path("."), "", "cpu"))
+    return is_vitdet(_round_cfg(cfg, 0, "cpu"))
 
 
 def dinov2_weights(cfg: Config) -> Path | None:

@@ -154,3 +154,44 @@ def test_a_missing_root_says_how_to_get_it():
     assert missing_root_hint("data/photos/images") == " (run `make photos-data`)"
     for given in ("/tmp/mine", "data/DAVIS", "demo/images"):  # DATA= or a set users bring: the path is theirs
         assert missing_root_hint(given) == " (give its path: DATA=/path or dataset.root=...)"
+
+
+@pytest.mark.parametrize(
+    "opts, refused",
+    [
+        ("train.opts=[SOLVER.MAX_ITR,5]", "Non-existent key: SOLVER.MAX_ITR"),
+        ("train.opts=[SOLVER.MAX_ITER,five]", "Type mismatch"),
+    ],
+)
+def test_a_detectron2_option_it_refuses_is_a_user_error_before_any_work(tmp_path, capsys, opts, refused):
+    from pipeline.cli import main
+
+    args = ["selftrain", "--dataset", "demo", f"run.out_dir={tmp_path}", opts]
+    assert main(args) == 2
+    *notes, err = capsys.readouterr().err.splitlines()  # notes: which backbone weights were found
+    assert err.startswith("error: config key 'train.opts' or 'train.schedule': detectron2 refuses it: ")
+    assert refused in err and all(n.startswith("note: ") for n in notes)
+    assert not any(tmp_path.iterdir())  # nothing was run
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_a_user_error_naming_the_key(monkeypatch):
+    import torch
+
+    from stages.features.backbone import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^config key 'backbone.device': cuda, but CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_the_method_and_dataset_are_chosen_by_their_options_not_by_a_name_override():
+    with pytest.raises(ConfigError) as error:
+        load_config("demo", "maskcut", ["method.name=tokencut"])  # was: "'method.n_masks': unknown key"
+    assert str(error.value) == (
+        "config key 'method.name': the method is chosen by METHOD= (--method), not by an override: "
+        "use METHOD=tokencut"
+    )
+    with pytest.raises(ConfigError, match=r"^config key 'dataset.name': .* use DATASET=voc07$"):
+        load_config("demo", "maskcut", ["dataset.name=voc07"])
+    assert load_config("demo", "maskcut", ["method.name=maskcut"]).method.name == "maskcut"  # the same: fine

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages.common.schema import fail, positive, section
+from stages.common.schema import ConfigError, fail, positive, section
 from stages.common.state_dicts import UnreadableCheckpoint, key_mismatch, read_torch_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -263,7 +263,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"backbone.device={device} but CUDA is not available (use auto or cpu)")
+        raise ConfigError(
+            f"config key 'backbone.device': {device}, but CUDA is not available here (use auto or cpu)"
+        )
     return torch.device(device)
 
 
