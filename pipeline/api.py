@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import yaml
 
 from pipeline.config import METHODS, ConfigError, load_config
 from pipeline.resolve import resolve
 from pipeline.runs import load_backbone
-from stages.common.io import BadImage, checked_rgb, load_rgb
+from stages.common.io import BadImage, as_rgb
 from stages.features.backbone import Backbone, BackboneConfig
 from stages.pseudolabels import Discoverer, ImageObjects
 
@@ -34,11 +35,14 @@ def _override(key: str, value: Any) -> str:
     return f"{dotted}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
-def discover(image: str | Path | np.ndarray, method: str = "maskcut", **overrides: Any) -> ImageObjects:
+def discover(
+    image: str | Path | np.ndarray | PIL.Image.Image, method: str = "maskcut", **overrides: Any
+) -> ImageObjects:
     """Objects of one image by a registered image method, as ``make pseudolabels`` finds them.
 
-    image: a file path (decoded as every stage decodes, ``stages.common.io.load_rgb``) or an (H, W, 3)
-    uint8 RGB array. method: a registered image method (configs/methods/<name>.yaml gives its defaults).
+    image: a file path (decoded as every stage decodes, ``stages.common.io.load_rgb``), a PIL image or an
+    (H, W, 3) uint8 RGB array (``stages.common.io.as_rgb``). method: a registered image method
+    (configs/methods/<name>.yaml gives its defaults).
     overrides: config keys, bare for the method's own (``n_masks=2``), dotted for the others
     (``**{"backbone.arch": "dinov2_vits14", "backbone.device": "cuda"}``). The backbone's weights are
     found as the CLI finds them (WeightsError naming where to put them otherwise), and the loaded backbone
@@ -52,7 +56,7 @@ def discover(image: str | Path | np.ndarray, method: str = "maskcut", **override
     if method in METHODS and METHODS.get(method).modality != "image":
         raise ConfigError(f"{method} discovers objects in videos: use `make pseudolabels METHOD={method}`")
     cfg = resolve(load_config("demo", method, [_override(k, v) for k, v in overrides.items()]))
-    rgb = load_rgb(Path(image)) if isinstance(image, str | Path) else checked_rgb(image)
+    rgb = as_rgb(image)
     discoverer = Discoverer.from_config(
         _backbone(cfg.backbone, cfg.seed), cfg.method, cfg.refine, cfg.run.max_patches
     )

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 
 from stages.common.export import mask_annotation
-from stages.common.io import BadImage, checked_rgb, load_rgb
+from stages.common.io import BadImage, as_rgb, load_rgb
 from stages.data.datasets import ImageRecord
 from stages.detection.train import FINAL_WEIGHTS as WEIGHTS
 from stages.features.backbone import resolve_device
@@ -35,9 +36,10 @@ class Detections:
 
 
 class Detector:
-    """Callable detector: ``det(image) -> Detections`` on an HxWx3 uint8 RGB array or an image file (read
-    with the project's decoder, ``load_rgb``, as training and evaluation read it). BadImage for an array of
-    another shape or dtype, or an unreadable file."""
+    """Callable detector: ``det(image) -> Detections`` on an HxWx3 uint8 RGB array, a PIL image or an image
+    file (read with the project's decoder, ``load_rgb``, as training and evaluation read it): ``as_rgb``.
+    BadImage for an array of another shape or dtype, an unreadable file, or anything else (one image per
+    call)."""
 
     def __init__(self, cfg, max_detections: int | None = None):
         from detectron2.engine import DefaultPredictor
@@ -53,8 +55,8 @@ class Detector:
         self.cfg = cfg
         self.predictor = DefaultPredictor(cfg)
 
-    def __call__(self, image: np.ndarray | str | Path) -> Detections:
-        rgb = checked_rgb(image) if isinstance(image, np.ndarray) else load_rgb(Path(image))
+    def __call__(self, image: np.ndarray | str | Path | PIL.Image.Image) -> Detections:
+        rgb = as_rgb(image)
         # DefaultPredictor takes BGR and converts to the model's INPUT.FORMAT (RGB) itself
         inst = self.predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["instances"].to("cpu")
         order = inst.scores.argsort(descending=True)

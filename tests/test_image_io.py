@@ -2,6 +2,7 @@
 same by every stage (discovery, BA, detector training with copy-paste, relabelling/evaluation, the
 detector API)."""
 
+import re
 from pathlib import Path
 
 import cv2
@@ -12,7 +13,7 @@ from PIL import Image
 from stages import detect as det
 from stages import pseudolabels as discover
 from stages.common.export import coco_file, mask_annotation
-from stages.common.io import ORIENTATION, image_size, load_rgb, to_8_bit
+from stages.common.io import ORIENTATION, BadImage, as_rgb, image_size, load_rgb, to_8_bit
 from stages.data.datasets import ImageRecord
 from stages.data.videos import VideoRecord
 from stages.pseudolabels import ImageObjects
@@ -263,3 +264,25 @@ def test_8_bit_files_decode_as_detectron2_reads_them(stage_views, name):
 
     paths, views = stage_views
     assert np.array_equal(read_image(str(paths[name]), format="RGB"), views[name]["load_rgb"])
+
+
+def test_what_users_hand_a_detector_becomes_the_rgb_array_a_file_would(tmp_path):
+    rgb = object_image(20, 30, (2, 3, 12, 20))
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    assert np.array_equal(as_rgb(tmp_path / "a.png"), rgb) and np.array_equal(
+        as_rgb(str(tmp_path / "a.png")), rgb
+    )
+    assert np.array_equal(as_rgb(rgb), rgb)
+    assert np.array_equal(as_rgb(Image.fromarray(rgb)), rgb)
+    assert np.array_equal(as_rgb(Image.fromarray(rgb).convert("RGBA")), rgb)  # alpha dropped
+    grey = Image.fromarray(rgb).convert("L")
+    assert np.array_equal(as_rgb(grey), np.repeat(np.asarray(grey)[:, :, None], 3, axis=2))
+    deep = Image.fromarray(np.full((4, 5), 65535, np.uint16))  # 16-bit grey: scaled by its bit depth
+    assert as_rgb(deep).dtype == np.uint8 and as_rgb(deep).shape == (4, 5, 3) and as_rgb(deep).min() == 255
+    for bad, named in [
+        ([rgb, rgb], "got list"),
+        (rgb[:, :, 0], "got shape (20, 30)"),
+        (None, "got NoneType"),
+    ]:
+        with pytest.raises(BadImage, match=re.escape(named)):
+            as_rgb(bad)

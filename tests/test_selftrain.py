@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from pipeline import load_detector, selftrain
 from pipeline.config import load_config
 from pipeline.driver import EXIT_AFTER_SHARDS
 from pipeline.selftrain import run
 from stages.common.export import coco_file, mask_annotation
+from stages.common.io import BadImage
 from stages.detection import train
 from tests.processes import run_pipeline
 from tests.synthetic import box_iou, object_image, write_image_folder
@@ -100,6 +102,11 @@ def test_a_detector_directory_loads_in_one_call_and_predicts(trained):
     assert out.boxes.shape == (n, 4) and out.masks.shape == (n, 96, 128) and out.masks.dtype == bool
     assert np.all((out.boxes >= 0) & (out.boxes <= [128, 96, 128, 96]))  # xyxy inside the image
     assert np.all(np.diff(out.scores) <= 0)  # best first
+    # A PIL image is the same image; anything else (a batch, say) is one BadImage saying what is accepted.
+    pil = det(Image.fromarray(object_image(96, 128, (20, 30, 70, 90))))
+    assert np.array_equal(pil.boxes, out.boxes) and np.array_equal(pil.scores, out.scores)
+    with pytest.raises(BadImage, match="expected one image: a file path, a PIL image or an .* got list"):
+        det([object_image(96, 128, (20, 30, 70, 90))] * 2)
 
 
 def test_a_path_that_is_not_a_detector_is_one_user_error_line(trained, tmp_path, capsys):
@@ -564,6 +571,38 @@ def test_a_round_stopped_after_training_is_not_trained_again_and_loses_nothing(
     assert all(torch.equal(slim["model"][k], full["model"][k]) for k in full["model"])
     assert weights.stat().st_size < 0.75 * size  # SGD momentum: the trainer state is as large as the model
     assert not list(round_dir.glob(".model_final.pth.*"))  # no temporary file left
+
+
+def test_a_training_round_keeps_only_its_newest_checkpoint_on_disk(trained, tmp_path, monkeypatch):
+    from detectron2.engine import HookBase
+
+    cfg, last = trained
+    round_dir = tmp_path / "round0"
+    round_dir.mkdir()
+    shutil.copy(last.parent / "round0" / "labels.json", round_dir / "labels.json")
+    on_disk = []
+
+    class ListCheckpoints(HookBase):  # registered after the checkpointer: sees what it left each step
+        def after_step(self):
+            on_disk.append(sorted(p.name for p in round_dir.glob("model_*.pth")))
+
+    build = train.build_trainer
+
+    def listing_trainer(d2cfg):
+        d2cfg.defrost()
+        d2cfg.SOLVER.CHECKPOINT_PERIOD = 1
+        trainer = build(d2cfg)
+        trainer.register_hooks([ListCheckpoints()])
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", listing_trainer)
+    selftrain.train_round(cfg, 0, round_dir, "", "newest-checkpoint")
+    assert on_disk == [
+        ["model_0000000.pth"],
+        ["model_0000001.pth"],
+        ["model_0000002.pth", "model_final.pth"],
+    ]
+    assert [p.name for p in round_dir.glob("model_*.pth")] == ["model_final.pth"]
 
 
 def test_a_short_round_prints_its_progress_every_few_iterations(trained):

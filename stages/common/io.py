@@ -223,17 +223,37 @@ def _decode(path: Path) -> np.ndarray:
         deep = img.mode in ("RGB", "RGBA", "LA") and ";16" in _rawmode(img)
         img.load()  # multi-frame files (GIF, TIFF pages, APNG): the first frame
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-        if deep:
-            arr = _deep_colour(Path(path))
-        elif img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-            arr = np.repeat(np.asarray(img)[:, :, None], 3, axis=2)
-        else:
-            if img.mode == "La":  # premultiplied: Pillow converts it only through LA
-                img = img.convert("LA")
-            arr = np.asarray(img.convert("RGB"))  # palette, grey, alpha (dropped), CMYK, YCbCr, ...
+        arr = _deep_colour(Path(path)) if deep else _pil_to_rgb(img)
     if arr.dtype != np.uint8:
         arr = to_8_bit(arr)
     return np.array(_upright(arr, orientation))  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) array of a decoded Pillow image: uint8, or its 16/32-bit grey data repeated (to_8_bit)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return np.repeat(np.asarray(img)[:, :, None], 3, axis=2)
+    if img.mode == "La":  # premultiplied: Pillow converts it only through LA
+        img = img.convert("LA")
+    return np.asarray(img.convert("RGB"))  # palette, grey, alpha (dropped), CMYK, YCbCr, ...
+
+
+def as_rgb(image: Any) -> np.ndarray:
+    """What a user hands a detector or ``discover()`` as an (H, W, 3) uint8 RGB array: an image file path
+    (``load_rgb``), a Pillow image (converted as ``load_rgb`` converts a file's modes; its EXIF orientation
+    is not applied: Pillow has decoded it already) or an (H, W, 3) uint8 RGB array (``checked_rgb``: taken as
+    given). BadImage otherwise, saying what is accepted."""
+    if isinstance(image, str | Path):
+        return load_rgb(Path(image))
+    if isinstance(image, Image.Image):
+        arr = _pil_to_rgb(image)
+        return np.array(arr if arr.dtype == np.uint8 else to_8_bit(arr))
+    if isinstance(image, np.ndarray):
+        return checked_rgb(image)
+    raise BadImage(
+        "expected one image: a file path, a PIL image or an (H, W, 3) uint8 RGB array, got "
+        + type(image).__name__
+    )
 
 
 def load_rgb(path: Path) -> np.ndarray:

@@ -297,6 +297,13 @@ def build_trainer(cfg):
                 )
             if isinstance(h, hooks.PeriodicWriter):  # the same writers, on the console more often
                 return hooks.PeriodicWriter(self.writers, period=log_period(self.cfg.SOLVER.MAX_ITER))
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                # Only the newest checkpoint is needed to resume (each holds the model and its optimizer
+                # state: ~0.9 GB for ViTDet-S). fvcore deletes the older one after the newer is written and
+                # tagged in last_checkpoint: a kill while saving leaves the older one to resume from.
+                return hooks.PeriodicCheckpointer(
+                    self.checkpointer, self.cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=1
+                )
             return h
 
     return CutLERTrainer(cfg)
