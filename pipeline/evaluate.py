@@ -16,7 +16,7 @@ from pipeline.resolve import resolve
 from pipeline.runs import RunDir, RunError
 from stages.common import rle
 from stages.common.io import atomic_write_json, read_json
-from stages.data.datasets import coco_boxes, ground_truth_boxes, ground_truth_coco, list_images
+from stages.data.datasets import coco_boxes, ground_truth_coco, list_images
 from stages.data.videos import check_video_ground_truth, evaluation_protocol, list_videos, video_truth
 from stages.detect import check_detector_dir
 from stages.evaluation.coco_ap import evaluate_ap
@@ -59,7 +59,11 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
             f"no pseudo-labels at {path}: run `make pseudolabels` with the same settings first, or give "
             "the run directory (RUN=runs/pseudolabels/...)"
         )
-    result = corloc(first_boxes(read_json(path)), ground_truth_boxes(cfg.dataset))
+    labels, gt = read_json(path), ground_truth_coco(cfg.dataset)
+    if gt is None:
+        raise RunError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.kind}) has no ground truth")
+    warn_size_mismatches(gt["images"], labels["images"], cfg.dataset.annotations)
+    result = corloc(first_boxes(labels), coco_boxes(gt))
     result = {"dataset": cfg.dataset.name, "method": cfg.method.name, "backbone": cfg.backbone.arch, **result}
     atomic_write_json(run_path / "corloc.json", result)
     absent = result["absent"]
@@ -75,6 +79,28 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
         file=sys.stderr,
     )
     return result
+
+
+def warn_size_mismatches(declared: list[dict], read: list[dict], source: str | None) -> None:
+    """One warning line when the ground truth's width/height of an image differ from its file's, as the
+    run read it (``read``: images with file_name, width, height): boxes are then compared in two pixel
+    grids. Images without a declared size, or not read, are not compared."""
+    sizes = {im["file_name"]: (im["width"], im["height"]) for im in read}
+    wrong = [
+        f"{im['file_name']} {im['width']}x{im['height']}, file {sizes[im['file_name']][0]}x"
+        f"{sizes[im['file_name']][1]}"
+        for im in declared
+        if "width" in im and "height" in im and im["file_name"] in sizes
+        and (im["width"], im["height"]) != sizes[im["file_name"]]
+    ]  # fmt: skip
+    if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        print(
+            f"warning: {len(wrong)} image(s) of the ground truth ({source or 'the dataset'}) declare a "
+            f"width x height other than their file's: {'; '.join(wrong[:3])}{more}. Boxes are scored in "
+            "the files' pixels: check the annotation file.",
+            file=sys.stderr,
+        )
 
 
 def top1_boxes(predictions: dict) -> dict[str, np.ndarray | None]:
@@ -114,6 +140,7 @@ def detector_metrics(model_dir: Path, cfg: Config, gt: dict) -> dict:
     records = list_images(cfg.dataset)
     subset = [r for r in records if r.id in scored]
     preds = predict(Path(model_dir), subset, predictions_dir(Path(model_dir), cfg, subset), 100, cfg)
+    warn_size_mismatches(gt["images"], preds["images"], cfg.dataset.annotations)
     metrics = {
         "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
         "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),

@@ -112,3 +112,24 @@ def test_a_detectors_corloc_box_is_its_best_scored_regressed_box():
     boxes = top1_boxes(predictions)
     assert boxes["a.jpg"].tolist() == [11, 21, 15, 27]  # xyxy of the 0.9 detection's own (regressed) box
     assert boxes["b.jpg"] is None  # no detection: a miss for CorLoc
+
+
+def test_a_ground_truth_size_other_than_the_files_is_warned_about(capsys):
+    from pipeline.evaluate import warn_size_mismatches
+
+    read = [{"file_name": f"{i}.jpg", "width": 600, "height": 400} for i in range(5)]
+    declared = [
+        {"file_name": "0.jpg", "width": 600, "height": 400},  # right
+        {"file_name": "1.jpg", "width": 400, "height": 600},  # swapped
+        {"file_name": "2.jpg", "width": 300, "height": 200},  # another scale
+        {"file_name": "3.jpg"},  # no size declared: nothing to compare
+        {"file_name": "9.jpg", "width": 1, "height": 1},  # not read (failed): not compared
+    ]
+    warn_size_mismatches(declared, read, "gt.json")
+    assert capsys.readouterr().err == (
+        "warning: 2 image(s) of the ground truth (gt.json) declare a width x height other than their file's: "
+        "1.jpg 400x600, file 600x400; 2.jpg 300x200, file 600x400. Boxes are scored in the files' pixels: "
+        "check the annotation file.\n"
+    )
+    warn_size_mismatches(declared[:1], read, "gt.json")
+    assert capsys.readouterr().err == ""
