@@ -52,6 +52,9 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
     The run is ``run_dir`` (its saved config is then ``cfg``, see ``load_run_config``) or the one of
     ``cfg``'s settings."""
     cfg = resolve(cfg)
+    gt = ground_truth_coco(cfg.dataset)  # first: a malformed file is named before the run is looked for
+    if gt is None:
+        raise RunError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.kind}) has no ground truth")
     run_path = pseudolabel_run(cfg, run_dir)
     path = run_path / OUTPUT
     if not path.exists():
@@ -59,9 +62,7 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
             f"no pseudo-labels at {path}: run `make pseudolabels` with the same settings first, or give "
             "the run directory (RUN=runs/pseudolabels/...)"
         )
-    labels, gt = read_json(path), ground_truth_coco(cfg.dataset)
-    if gt is None:
-        raise RunError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.kind}) has no ground truth")
+    labels = read_json(path)
     warn_size_mismatches(gt["images"], labels["images"], cfg.dataset.annotations)
     result = corloc(first_boxes(labels), coco_boxes(gt))
     result = {"dataset": cfg.dataset.name, "method": cfg.method.name, "backbone": cfg.backbone.arch, **result}

@@ -149,6 +149,21 @@ def test_coco_files_that_are_not_what_they_claim_are_named(tmp_path, content, pr
     assert str(path) in str(e.value)
 
 
+def test_eval_corloc_names_a_malformed_ground_truth_before_looking_for_its_run(tmp_path, capsys):
+    cfg = coco_dataset(tmp_path, [])
+    Path(cfg.annotations).write_text('{"images": [')
+    args = [
+        "eval-corloc",
+        "--dataset",
+        "coco",
+        f"dataset.root={cfg.root}",
+        f"dataset.annotations={cfg.annotations}",
+    ]
+    assert cli.main([*args, f"run.out_dir={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: annotations of dataset 'coco' {cfg.annotations}: not valid JSON at line 1")
+
+
 def test_many_problems_are_counted_in_one_line(tmp_path):
     images = [{"id": i % 3, "file_name": f"{i}.png"} for i in range(40)]
     cfg = coco_dataset(tmp_path, [], images)
