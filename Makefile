@@ -26,7 +26,7 @@ CLI = HF_HUB_OFFLINE=1 $(PY) -m pipeline $(if $(DEBUG),--debug)
 RUN ?=
 EVAL_SELECT = $(if $(RUN),--run $(abspath $(RUN)),$(SELECT))
 
-.PHONY: install demo-data photos-data pseudolabels eval-corloc selftrain eval train-correlator train-solv train-found test lint \
+.PHONY: install demo-data photos-data config pseudolabels eval-corloc selftrain eval train-correlator train-solv train-found test lint \
 	bench
 
 install: $(STAMP)
@@ -56,6 +56,9 @@ data/photos/annotations.json: tools/photos_data.py tools/demo_data.py | $(STAMP)
 
 pseudolabels: $(STAMP) $(DATA_DEPS)
 	$(CLI) pseudolabels $(SELECT) $(OVERRIDES)
+
+config: $(STAMP)
+	@$(CLI) config $(EVAL_SELECT) $(OVERRIDES)
 
 eval-corloc: $(STAMP) $(DATA_DEPS)
 	$(CLI) eval-corloc $(EVAL_SELECT) $(OVERRIDES)

@@ -74,7 +74,19 @@ def _selftrain(cfg, args) -> None:
     print(run(cfg))
 
 
+def _config(cfg, args) -> None:
+    import yaml
+
+    from pipeline.resolve import resolve
+    from pipeline.runs import RunDir
+
+    cfg = resolve(cfg)
+    print(f"# pseudo-label run: {args.run or RunDir.for_config(cfg, 'pseudolabels').path}")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
 COMMANDS = {
+    "config": (_config, "print the fully resolved configuration these options give, as a run saves it"),
     "pseudolabels": (_pseudolabels, "discover objects and write a COCO pseudo-label file"),
     "eval-corloc": (_eval_corloc, "CorLoc of a pseudo-label run against the dataset's ground truth"),
     "selftrain": (_selftrain, "train a detector on the pseudo-labels, then self-train round after round"),
@@ -108,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--preset", default=None, help=f"one of {available('presets')}")
         if name == "eval":
             s.add_argument("--model", default=None, help="a detector directory (runs/selftrain/.../roundN)")
-        if name in ("eval", "eval-corloc"):
+        if name in ("eval", "eval-corloc", "config"):
             s.add_argument(
                 "--run",
                 default=None,

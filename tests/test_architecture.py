@@ -154,6 +154,18 @@ def test_a_method_registered_outside_the_package_runs_end_to_end(first_run):
         assert box_iou([x, y, x + w, y + h], planted_box(i)) >= 0.7, image["file_name"]
 
 
+def test_the_config_command_prints_what_the_run_saved_and_where_it_is(first_run, dataset, capsys):
+    cfg, path = first_run
+    capsys.readouterr()
+    args = ["--dataset", "imagefolder", "--method", "planted_box", *overrides(dataset, cfg.run.out_dir)]
+    assert main(["config", *args]) == 0
+    head, *body = capsys.readouterr().out.splitlines(keepends=True)
+    assert head == f"# pseudo-label run: {path.parent}\n"
+    assert yaml.safe_load("".join(body)) == yaml.safe_load((path.parent / "config.yaml").read_text())
+    assert main(["config", "--run", str(path.parent)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"# pseudo-label run: {path.parent}"
+
+
 def test_evaluation_takes_the_run_directory(first_run, capsys):
     cfg, path = first_run
     run_dir = path.parent
