@@ -88,4 +88,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
 bench: $(STAMP) data/demo/annotations.json
-	HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 $(PY) -m tools.bench
+	HF_HUB_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1 $(PY) -m tools.bench $(SECTIONS)

@@ -1,7 +1,8 @@
 """`make bench`: throughput and peak memory of each stage on fixed synthetic workloads, with the reference
 formulation beside it as a ratio. Not a test: it prints numbers for the README's performance section.
 
-Sections (``python -m tools.bench [section ...]``; all by default):
+Sections (``python -m tools.bench [section ...]``, ``make bench SECTIONS="..."``; all by default, about 3
+hours on 2 CPU cores, 2 of them ``vitdet``):
   discovery  MaskCut (N=3, 60x60 patches, ViT-B/8 keys) and TokenCut (30x40, ViT-S/16 keys): fast vs
              dense eigensolver, and the 200-graph parity report
   stages     MaskCut end to end at ViT-B/8 480x480 (random weights): backbone (lean vs full forward),
@@ -500,7 +501,7 @@ def _child(name: str, queue) -> None:
 def main(argv: list[str] | None = None) -> None:
     names = (argv if argv is not None else sys.argv[1:]) or list(SECTIONS)
     if {"-h", "--help"} & set(names):
-        print(f"usage: python -m tools.bench [SECTION ...]  (default: every section)\n{__doc__}")
+        print(f"usage: python -m tools.bench [SECTION ...]  (default: every section, ~3 h)\n{__doc__}")
         return
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
