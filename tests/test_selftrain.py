@@ -134,7 +134,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_round_resumes_from_its_last_checkpoint(images, trained, monkeypatch):
+def test_an_interrupted_round_resumes_from_its_last_checkpoint(images, trained, monkeypatch, capsys):
     from detectron2.engine import HookBase
 
     cfg, last = trained
@@ -168,8 +168,10 @@ def test_an_interrupted_round_resumes_from_its_last_checkpoint(images, trained, 
         return trainer
 
     monkeypatch.setattr(train, "build_trainer", recording_trainer)
+    capsys.readouterr()
     round0 = run(cfg2)
     assert starts == [2]  # resumed after the checkpoint of iteration 1, not from scratch
+    assert "round0: resuming training from model_0000001.pth\n" in capsys.readouterr().err  # and says so
     assert (round0 / "summary.json").exists()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -407,6 +408,12 @@ def train(cfg) -> Path:
     final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
     # detectron2 would resume a finished round from its trainer state, which keep_weights_only dropped.
     if not training_finished(cfg.OUTPUT_DIR):
+        tag = Path(cfg.OUTPUT_DIR) / "last_checkpoint"
+        if tag.is_file() and comm.is_main_process():
+            print(
+                f"{Path(cfg.OUTPUT_DIR).name}: resuming training from {tag.read_text().strip()}",
+                file=sys.stderr,
+            )
         with training_log(cfg.OUTPUT_DIR):
             if cfg.SEED >= 0:
                 seed_all_rng(cfg.SEED + comm.get_rank())
