@@ -57,6 +57,11 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
         raise RunError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.kind}) has no ground truth")
     run_path = pseudolabel_run(cfg, run_dir)
     path = run_path / OUTPUT
+    if not path.exists() and any(run_path.glob("round*/summary.json")):
+        raise RunError(
+            f"{run_path} is a self-training run: evaluate one of its rounds with make eval MODEL={run_path}/"
+            f"round<r> (eval-corloc takes a pseudo-label run)"
+        )
     if not path.exists():
         raise RunError(
             f"no pseudo-labels at {path}: run `make pseudolabels` with the same settings first, or give "
@@ -69,8 +74,9 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
     atomic_write_json(run_path / "corloc.json", result)
     absent = result["absent"]
     note = (
-        f"; {absent} of them not in the run's output (failed: {run_path / 'failures.jsonl'}), counted as "
-        f"{'a miss' if absent == 1 else 'misses'}"
+        f"; {absent} of them not labelled by the run, counted as {'a miss' if absent == 1 else 'misses'}: "
+        f"{_names(absent_files(labels, gt))} (unreadable: see {run_path / 'failures.jsonl'}; or not in the "
+        "run's image list: the annotation file changed since)"
         if absent
         else ""
     )
@@ -80,6 +86,17 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
         file=sys.stderr,
     )
     return result
+
+
+def absent_files(labels: dict, gt: dict) -> list[str]:
+    """Files of annotated ground-truth images that ``labels`` (a run's output) has no entry for."""
+    have = {im["file_name"] for im in labels["images"]}
+    annotated = {a["image_id"] for a in gt.get("annotations", [])}
+    return [im["file_name"] for im in gt["images"] if im["id"] in annotated and im["file_name"] not in have]
+
+
+def _names(files: list[str], limit: int = 3) -> str:
+    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
 
 
 def warn_size_mismatches(declared: list[dict], read: list[dict], source: str | None) -> None:
@@ -142,11 +159,19 @@ def detector_metrics(model_dir: Path, cfg: Config, gt: dict) -> dict:
     subset = [r for r in records if r.id in scored]
     preds = predict(Path(model_dir), subset, predictions_dir(Path(model_dir), cfg, subset), 100, cfg)
     warn_size_mismatches(gt["images"], preds["images"], cfg.dataset.annotations)
+    if preds["failures"]:
+        failed = [f"{f['file_name']} ({f['reason']})" for f in preds["failures"]]
+        print(
+            f"warning: the detector could not read {len(failed)} of the {len(subset)} scored images, scored "
+            f"as images without detections: {_names(failed)}",
+            file=sys.stderr,
+        )
     metrics = {
         "ap": evaluate_ap(gt, detections_for_ap(preds), max_dets=100),
         "corloc": corloc(top1_boxes(preds), coco_boxes(gt)),
         "images_scored": len(subset),
         "images": len(records),
+        "unreadable": [f["file_name"] for f in preds["failures"]],
     }
     boxes_only = sum("segmentation" not in a for a in gt["annotations"])
     if "segm" not in metrics["ap"] and boxes_only:

@@ -164,6 +164,21 @@ def test_eval_corloc_names_a_malformed_ground_truth_before_looking_for_its_run(t
     assert err.startswith(f"error: annotations of dataset 'coco' {cfg.annotations}: not valid JSON at line 1")
 
 
+def test_eval_corloc_given_a_self_training_run_says_to_evaluate_a_round(tmp_path):
+    from pipeline.evaluate import eval_corloc
+    from pipeline.runs import RunError
+
+    cfg = coco_dataset(tmp_path, [{"id": 1, "image_id": 1, "bbox": [1, 1, 5, 5]}])
+    run = tmp_path / "selftrain" / "handmade-maskcut-0123456789"
+    (run / "round0").mkdir(parents=True)
+    (run / "round0" / "summary.json").write_text("{}")
+    overrides = [f"dataset.root={cfg.root}", f"dataset.annotations={cfg.annotations}"]
+    with pytest.raises(
+        RunError, match=f"^{run} is a self-training run: evaluate one of its rounds with make eval"
+    ):
+        eval_corloc(load_config("coco", "maskcut", overrides), run)
+
+
 def test_many_problems_are_counted_in_one_line(tmp_path):
     images = [{"id": i % 3, "file_name": f"{i}.png"} for i in range(40)]
     cfg = coco_dataset(tmp_path, [], images)

@@ -154,7 +154,8 @@ def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monk
         calls.append((sorted(r.id for r in records), out_dir.name))
         ids = {r.id for r in records}
         return {"images": [im for im in images if im["id"] in ids],
-                "annotations": [a for a in (found, on_unlabelled) if a["image_id"] in ids]}  # fmt: skip
+                "annotations": [a for a in (found, on_unlabelled) if a["image_id"] in ids],
+                "failures": []}  # fmt: skip
 
     monkeypatch.setattr(pipeline.evaluate, "predict", predict)
     model = tmp_path / "model"
@@ -190,3 +191,32 @@ def test_the_packaged_sets_labelled_in_part_are_scored_on_their_annotated_images
     assert demo.evaluate_on == "annotated"
     assert load_config("photos", "maskcut").dataset.evaluate_on == "annotated"
     assert load_config("coco", "maskcut").dataset.evaluate_on == "all"  # COCO's rule stays the default
+
+
+def test_scored_images_the_detector_cannot_read_are_named(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (100, 100)).save(tmp_path / "1.png")
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2)]
+    box = [10, 10, 40, 40]
+    gt = {"images": images, "categories": [{"id": 1, "name": "object"}]}
+    gt["annotations"] = [{"id": i, "image_id": i, "category_id": 1, "bbox": box} for i in (1, 2)]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    cfg = load_config(
+        "coco", "maskcut", [f"dataset.root={tmp_path}", f"dataset.annotations={tmp_path / 'gt.json'}"]
+    )
+    failure = {"id": 2, "file_name": "2.png", "reason": "unreadable: no such file"}
+
+    def predict(model_dir, records, out_dir, max_dets, cfg):  # 2.png is not on disk: the worker records it
+        found = {"image_id": 1, "category_id": 1, "bbox": box, "det_bbox": box, "score": 0.9}
+        return {"images": [images[0]], "annotations": [found], "failures": [failure]}
+
+    monkeypatch.setattr(pipeline.evaluate, "predict", predict)
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model_final.pth", "config.yaml"):
+        (model / name).touch()
+    metrics = pipeline.evaluate.evaluate_detector(model, cfg)
+    assert metrics["unreadable"] == ["2.png"] and metrics["corloc"]["images"] == 2
+    assert capsys.readouterr().err.endswith(
+        "warning: the detector could not read 1 of the 2 scored images, scored as images without detections: "
+        "2.png (unreadable: no such file)\n"
+    )

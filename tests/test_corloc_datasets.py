@@ -133,3 +133,14 @@ def test_a_ground_truth_size_other_than_the_files_is_warned_about(capsys):
     )
     warn_size_mismatches(declared[:1], read, "gt.json")
     assert capsys.readouterr().err == ""
+
+
+def test_annotated_images_a_run_has_no_entry_for_are_named():
+    from pipeline.evaluate import absent_files
+
+    gt = {
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2, 3, 4)],
+        "annotations": [{"id": 1, "image_id": 1}, {"id": 2, "image_id": 3}, {"id": 3, "image_id": 4}],
+    }
+    labels = {"images": [{"id": 7, "file_name": "1.jpg"}, {"id": 8, "file_name": "2.jpg"}]}
+    assert absent_files(labels, gt) == ["3.jpg", "4.jpg"]  # 2.jpg has no annotation: not counted anyway
