@@ -9,7 +9,9 @@ interrupted round resumes from detectron2's last checkpoint.
 from __future__ import annotations
 
 import datetime
+import difflib
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +98,10 @@ def train_round(cfg: Config, r: int, round_dir: Path, weights: str, dataset_name
         launch(_train_main, gpus, dist_url="auto", args=args)
     else:
         _train_main(*args)
-    for checkpoint in round_dir.glob("model_0*.pth"):  # the directory keeps only the final weights
-        checkpoint.unlink()
+    # The directory keeps only the final weights: neither periodic checkpoints nor the converted backbone
+    # initialisation (init_*_d2.pth: ~90 MB, read only before the first checkpoint) are needed any more.
+    for leftover in [*round_dir.glob("model_0*.pth"), *round_dir.glob("init_*_d2.pth")]:
+        leftover.unlink()
 
 
 def check_train_config(cfg: Config) -> None:
@@ -109,11 +113,19 @@ def check_train_config(cfg: Config) -> None:
 
 def _round_cfg(cfg: Config, r: int, device: str):
     """Round r's detectron2 config with no output directory or weights; RunError naming the keys when
-    detectron2 refuses one (yacs raises KeyError, ValueError or AssertionError)."""
+    detectron2 refuses one (yacs raises KeyError, ValueError or AssertionError), with the closest known
+    key for an unknown one."""
     try:
         return train.detectron_cfg(cfg.train, r, Path("."), "", device)
     except (KeyError, ValueError, AssertionError) as e:
-        raise RunError(f"config key 'train.opts' or 'train.schedule': detectron2 refuses it: {e}") from e
+        hint = ""
+        unknown = re.match(r"Non-existent key: (\S+)", str(e))
+        if unknown:
+            close = difflib.get_close_matches(unknown.group(1), train.detectron_keys(), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        raise RunError(
+            f"config key 'train.opts' or 'train.schedule': detectron2 refuses it: {e}{hint}"
+        ) from e
 
 
 # train.model=auto: ViTDet on DINOv2 ViT-S/14 when those weights are found and no ResNet-50 is given

@@ -97,6 +97,10 @@ def check_detector_dir(model_dir: Path) -> None:
         if rounds
         else ""
     )
+    if (model_dir / "labels.json").is_file() and WEIGHTS in missing:
+        hint = "; it is a self-training round whose training has not finished (run make selftrain again)"
+    elif not rounds and any(model_dir.glob("round*/labels.json")):
+        hint = "; it is a self-training run none of whose rounds has finished training"
     raise NotADetector(f"{model_dir} is not a detector directory: no {' or '.join(missing)}{hint}")
 
 

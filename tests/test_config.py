@@ -159,7 +159,7 @@ def test_a_missing_root_says_how_to_get_it():
 @pytest.mark.parametrize(
     "opts, refused",
     [
-        ("train.opts=[SOLVER.MAX_ITR,5]", "Non-existent key: SOLVER.MAX_ITR"),
+        ("train.opts=[SOLVER.MAX_ITR,5]", "Non-existent key: SOLVER.MAX_ITR (did you mean SOLVER.MAX_ITER?)"),
         ("train.opts=[SOLVER.MAX_ITER,five]", "Type mismatch"),
     ],
 )

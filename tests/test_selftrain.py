@@ -115,7 +115,15 @@ def test_a_path_that_is_not_a_detector_is_one_user_error_line(trained, tmp_path,
     cfg, last = trained
     root = last.parent  # the self-training run: its rounds are the detectors
     (tmp_path / "labels.json").write_text("{}")
+    unfinished = tmp_path / "run" / "round0"  # a round still training, or stopped: labels, no final weights
+    unfinished.mkdir(parents=True)
+    for name in ("labels.json", "config.yaml", "model_0000009.pth"):
+        (unfinished / name).write_text("")
     cases = {
+        unfinished: f"{unfinished} is not a detector directory: no model_final.pth; it is a self-training "
+        "round whose training has not finished (run make selftrain again)",
+        unfinished.parent: f"{unfinished.parent} is not a detector directory: no model_final.pth or "
+        "config.yaml; it is a self-training run none of whose rounds has finished training",
         root: f"{root} is not a detector directory: no model_final.pth; it holds the rounds round0, round1: "
         f"give one of them, e.g. {root / 'round1'}",
         tmp_path / "nothere": f"{tmp_path / 'nothere'}: no such detector directory",
@@ -171,7 +179,7 @@ def test_an_interrupted_round_resumes_from_its_last_checkpoint(images, trained, 
     capsys.readouterr()
     round0 = run(cfg2)
     assert starts == [2]  # resumed after the checkpoint of iteration 1, not from scratch
-    assert "round0: resuming training from model_0000001.pth\n" in capsys.readouterr().err  # and says so
+    assert "round0: resuming training from model_0000001.pth (iterations after" in capsys.readouterr().err
     assert (round0 / "summary.json").exists()
 
 

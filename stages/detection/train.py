@@ -83,6 +83,20 @@ class TrainConfig:
 SOFT_TARGET_HEADS = ("DropLossCascadeROIHeads", "DropLossROIHeads")
 
 
+def detectron_keys() -> list[str]:
+    """Every dotted key of the detectron2 config our rounds start from (detectron2's own and ours)."""
+    from stages.detection.detectron_config import cutler_cfg
+
+    def walk(node, prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    return list(walk(cutler_cfg(), ""))
+
+
 def detectron_cfg(train: TrainConfig, round_index: int, output_dir: Path, weights: str, device: str):
     """The full detectron2 config of one round: model file, self-training overlay (rounds >= 1),
     ``train.soft_target``, schedule files, ``train.opts``; then what only the pipeline knows (device, weights,
@@ -411,7 +425,8 @@ def train(cfg) -> Path:
         tag = Path(cfg.OUTPUT_DIR) / "last_checkpoint"
         if tag.is_file() and comm.is_main_process():
             print(
-                f"{Path(cfg.OUTPUT_DIR).name}: resuming training from {tag.read_text().strip()}",
+                f"{Path(cfg.OUTPUT_DIR).name}: resuming training from {tag.read_text().strip()} (iterations "
+                "after it are trained again)",
                 file=sys.stderr,
             )
         with training_log(cfg.OUTPUT_DIR):
