@@ -121,6 +121,16 @@ def test_ap_and_ar_equal_the_values_computed_by_hand():
         assert res[kind]["AR100"] == pytest.approx((3 * 2 / 3 + 7 * 1 / 3) / 10)
 
 
+def evaluate_with(predict, tmp_path, cfg, monkeypatch) -> dict:
+    """evaluate_detector's metrics with ``predict`` standing in for the detector (an empty detector dir)."""
+    monkeypatch.setattr(pipeline.evaluate, "predict", predict)
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model_final.pth", "config.yaml"):
+        (model / name).touch()
+    return pipeline.evaluate.evaluate_detector(model, cfg)
+
+
 @pytest.mark.parametrize("evaluate_on, ap50", [("all", 0.5), ("annotated", 1.0)])
 def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monkeypatch, evaluate_on, ap50):
     images = []
@@ -157,12 +167,7 @@ def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monk
                 "annotations": [a for a in (found, on_unlabelled) if a["image_id"] in ids],
                 "failures": []}  # fmt: skip
 
-    monkeypatch.setattr(pipeline.evaluate, "predict", predict)
-    model = tmp_path / "model"
-    model.mkdir()
-    for name in ("model_final.pth", "config.yaml"):
-        (model / name).touch()
-    metrics = pipeline.evaluate.evaluate_detector(model, cfg)
+    metrics = evaluate_with(predict, tmp_path, cfg, monkeypatch)
     assert metrics["ap"]["bbox"]["AP50"] == pytest.approx(ap50)
     assert (metrics["corloc"]["hits"], metrics["corloc"]["images"]) == (1, 1)  # annotated images either way
     # The detector runs only on the scored images; the metrics say which rule scored how many.
@@ -177,7 +182,7 @@ def test_a_set_labelled_in_part_is_scored_on_its_annotated_images(tmp_path, monk
     # The ground truth is a box without a mask: no mask AP, and the output says why.
     assert "segm" not in metrics["ap"]
     assert metrics["no_mask_ap"] == "1 of the 1 ground-truth objects are boxes without masks"
-    saved = json.loads((model / "eval" / "coco" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "model" / "eval" / "coco" / "metrics.json").read_text())
     assert saved["evaluate_on"] == evaluate_on and saved["images_scored"] == len(scored)
     head = pipeline.evaluate.format_detector_metrics(metrics).splitlines()[0]
     assert head == f"AP on {len(scored)} of the dataset's 3 images (dataset.evaluate_on={evaluate_on})"
@@ -209,12 +214,7 @@ def test_scored_images_the_detector_cannot_read_are_named(tmp_path, monkeypatch,
         found = {"image_id": 1, "category_id": 1, "bbox": box, "det_bbox": box, "score": 0.9}
         return {"images": [images[0]], "annotations": [found], "failures": [failure]}
 
-    monkeypatch.setattr(pipeline.evaluate, "predict", predict)
-    model = tmp_path / "model"
-    model.mkdir()
-    for name in ("model_final.pth", "config.yaml"):
-        (model / name).touch()
-    metrics = pipeline.evaluate.evaluate_detector(model, cfg)
+    metrics = evaluate_with(predict, tmp_path, cfg, monkeypatch)
     assert metrics["unreadable"] == ["2.png"] and metrics["corloc"]["images"] == 2
     assert capsys.readouterr().err.endswith(
         "warning: the detector could not read 1 of the 2 scored images, scored as images without detections: "
