@@ -57,12 +57,12 @@ def eval_corloc(cfg: Config, run_dir: Path | None = None) -> dict:
         raise RunError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.kind}) has no ground truth")
     run_path = pseudolabel_run(cfg, run_dir)
     path = run_path / OUTPUT
-    if not path.exists() and any(run_path.glob("round*/summary.json")):
-        raise RunError(
-            f"{run_path} is a self-training run: evaluate one of its rounds with make eval MODEL={run_path}/"
-            f"round<r> (eval-corloc takes a pseudo-label run)"
-        )
     if not path.exists():
+        if any(run_path.glob("round*/summary.json")):
+            raise RunError(
+                f"{run_path} is a self-training run: evaluate one of its rounds with make eval "
+                f"MODEL={run_path}/round<r> (eval-corloc takes a pseudo-label run)"
+            )
         raise RunError(
             f"no pseudo-labels at {path}: run `make pseudolabels` with the same settings first, or give "
             "the run directory (RUN=runs/pseudolabels/...)"
@@ -95,8 +95,8 @@ def absent_files(labels: dict, gt: dict) -> list[str]:
     return [im["file_name"] for im in gt["images"] if im["id"] in annotated and im["file_name"] not in have]
 
 
-def _names(files: list[str], limit: int = 3) -> str:
-    return ", ".join(files[:limit]) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+def _names(items: list[str], limit: int = 3, sep: str = ", ") -> str:
+    return sep.join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def warn_size_mismatches(declared: list[dict], read: list[dict], source: str | None) -> None:
@@ -112,10 +112,9 @@ def warn_size_mismatches(declared: list[dict], read: list[dict], source: str | N
         and (im["width"], im["height"]) != sizes[im["file_name"]]
     ]  # fmt: skip
     if wrong:
-        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         print(
             f"warning: {len(wrong)} image(s) of the ground truth ({source or 'the dataset'}) declare a "
-            f"width x height other than their file's: {'; '.join(wrong[:3])}{more}. Boxes are scored in "
+            f"width x height other than their file's: {_names(wrong, sep='; ')}. Boxes are scored in "
             "the files' pixels: check the annotation file.",
             file=sys.stderr,
         )

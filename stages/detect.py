@@ -92,15 +92,14 @@ def check_detector_dir(model_dir: Path) -> None:
     rounds = sorted(
         (p.name for p in model_dir.glob("round*") if (p / WEIGHTS).is_file()), key=lambda n: (len(n), n)
     )
-    hint = (
-        f"; it holds the rounds {', '.join(rounds)}: give one of them, e.g. {model_dir / rounds[-1]}"
-        if rounds
-        else ""
-    )
     if (model_dir / "labels.json").is_file() and WEIGHTS in missing:
         hint = "; it is a self-training round whose training has not finished (run make selftrain again)"
-    elif not rounds and any(model_dir.glob("round*/labels.json")):
+    elif rounds:
+        hint = f"; it holds the rounds {', '.join(rounds)}: give one of them, e.g. {model_dir / rounds[-1]}"
+    elif any(model_dir.glob("round*/labels.json")):
         hint = "; it is a self-training run none of whose rounds has finished training"
+    else:
+        hint = ""
     raise NotADetector(f"{model_dir} is not a detector directory: no {' or '.join(missing)}{hint}")
 
 

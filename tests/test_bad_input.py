@@ -41,6 +41,11 @@ def coco_dataset(tmp_path: Path, annotations: list[dict], images: list[dict] | N
     return DatasetConfig("handmade", "coco", str(root), str(path), None, "all")
 
 
+def coco_command(command: str, root, annotations) -> list[str]:
+    """The command line of ``command`` on a hand-made COCO dataset (root, annotation file)."""
+    return [command, "--dataset", "coco", f"dataset.root={root}", f"dataset.annotations={annotations}"]
+
+
 def rle_of(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
@@ -152,13 +157,7 @@ def test_coco_files_that_are_not_what_they_claim_are_named(tmp_path, content, pr
 def test_eval_corloc_names_a_malformed_ground_truth_before_looking_for_its_run(tmp_path, capsys):
     cfg = coco_dataset(tmp_path, [])
     Path(cfg.annotations).write_text('{"images": [')
-    args = [
-        "eval-corloc",
-        "--dataset",
-        "coco",
-        f"dataset.root={cfg.root}",
-        f"dataset.annotations={cfg.annotations}",
-    ]
+    args = coco_command("eval-corloc", cfg.root, cfg.annotations)
     assert cli.main([*args, f"run.out_dir={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith(f"error: annotations of dataset 'coco' {cfg.annotations}: not valid JSON at line 1")
@@ -419,13 +418,7 @@ def test_duplicate_ids_stop_the_run_before_any_work(tmp_path, capsys):
     images = [{"id": 1, "file_name": "1.png"}, {"id": 1, "file_name": "2.png"}]
     cfg = coco_dataset(tmp_path, [], images)
     out = tmp_path / "runs"
-    argv = [
-        "pseudolabels",
-        "--dataset",
-        "coco",
-        f"dataset.root={cfg.root}",
-        f"dataset.annotations={cfg.annotations}",
-    ]
+    argv = coco_command("pseudolabels", cfg.root, cfg.annotations)
     assert cli.main([*argv, *tiny(cfg.root, out)[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {cfg.annotations}: images[1] (id 1): duplicate image id 1 (also images[0] (id 1))"
@@ -438,13 +431,7 @@ def test_a_root_holding_none_of_the_listed_images_stops_before_any_work(tmp_path
     elsewhere.mkdir()
     (elsewhere / "other.png").write_bytes((Path(cfg.root) / "1.png").read_bytes())
     out = tmp_path / "runs"
-    argv = [
-        "pseudolabels",
-        "--dataset",
-        "coco",
-        f"dataset.root={elsewhere}",
-        f"dataset.annotations={cfg.annotations}",
-    ]
+    argv = coco_command("pseudolabels", elsewhere, cfg.annotations)
     assert cli.main([*argv, *tiny(cfg.root, out)[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (

@@ -390,11 +390,12 @@ def training_log(output_dir: str):
 FINAL_WEIGHTS = "model_final.pth"
 
 
-def training_finished(output_dir: str | Path) -> bool:
-    """Whether a round's training has ended: detectron2 points ``last_checkpoint`` at model_final.pth only
-    after writing that file whole, so a file cut short by a kill does not count."""
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The checkpoint file name detectron2 tagged as the newest in ``output_dir``, None before the first.
+    The tag is written after the file is whole: model_final.pth there means the round's training ended (a
+    file cut short by a kill does not count)."""
     tag = Path(output_dir) / "last_checkpoint"
-    return tag.is_file() and tag.read_text().strip() == FINAL_WEIGHTS
+    return tag.read_text().strip() if tag.is_file() else None
 
 
 def keep_weights_only(path: Path) -> None:
@@ -421,12 +422,12 @@ def train(cfg) -> Path:
 
     final = Path(cfg.OUTPUT_DIR) / FINAL_WEIGHTS
     # detectron2 would resume a finished round from its trainer state, which keep_weights_only dropped.
-    if not training_finished(cfg.OUTPUT_DIR):
-        tag = Path(cfg.OUTPUT_DIR) / "last_checkpoint"
-        if tag.is_file() and comm.is_main_process():
+    newest = last_checkpoint(cfg.OUTPUT_DIR)
+    if newest != FINAL_WEIGHTS:
+        if newest is not None and comm.is_main_process():
             print(
-                f"{Path(cfg.OUTPUT_DIR).name}: resuming training from {tag.read_text().strip()} (iterations "
-                "after it are trained again)",
+                f"{Path(cfg.OUTPUT_DIR).name}: resuming training from {newest} (iterations after it are "
+                "trained again)",
                 file=sys.stderr,
             )
         with training_log(cfg.OUTPUT_DIR):
